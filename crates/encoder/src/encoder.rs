@@ -1,0 +1,322 @@
+//! The sentence encoder: a checkpoint directory in, sentence vectors out.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use burn::tensor::{Device, Tensor};
+
+use crate::config::BertConfig;
+use crate::error::{EncoderError, Result, io_err};
+use crate::model::{BatchTensors, BertModel, ForwardOptions};
+use crate::tokenize::{TextTokenizer, Tokens};
+use crate::weights::{self, TensorMap};
+
+/// How a sentence vector is read off the last hidden state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pooling {
+    /// The `[CLS]` token's hidden state (miCSE's embedding).
+    #[default]
+    Cls,
+    /// Attention-masked mean over the real tokens (sentence-transformers).
+    Mean,
+    /// BERT's pooler, `tanh(W h_cls + b)`; needs the checkpoint's pooler weights.
+    Pooler,
+}
+
+impl FromStr for Pooling {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cls" => Ok(Pooling::Cls),
+            "mean" => Ok(Pooling::Mean),
+            "pooler" => Ok(Pooling::Pooler),
+            other => Err(format!(
+                "unknown pooling {other:?}: expected cls, mean or pooler"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Pooling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Pooling::Cls => "cls",
+            Pooling::Mean => "mean",
+            Pooling::Pooler => "pooler",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbedOptions {
+    pub pooling: Pooling,
+    /// Divide each vector by its L2 norm.
+    pub normalize: bool,
+    /// Tokens per sentence, special tokens included; `None` = the model's maximum positions.
+    pub max_len: Option<usize>,
+    /// Sentences per forward pass.
+    pub batch_size: usize,
+}
+
+impl Default for EmbedOptions {
+    fn default() -> Self {
+        EmbedOptions {
+            pooling: Pooling::Cls,
+            normalize: false,
+            max_len: None,
+            batch_size: 64,
+        }
+    }
+}
+
+/// Tokenizer-side files copied verbatim into a saved checkpoint.
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "vocab.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
+/// A BERT sentence encoder on a device.
+pub struct Encoder {
+    pub model: BertModel,
+    pub tokenizer: TextTokenizer,
+    pub config: BertConfig,
+    device: Device,
+    /// Tokenizer files of the source directory, written back on save.
+    tokenizer_files: Vec<(String, Vec<u8>)>,
+}
+
+impl Encoder {
+    /// Loads a HuggingFace model directory: `config.json`, `model.safetensors` or
+    /// `pytorch_model.bin`, `tokenizer.json` or `vocab.txt`.
+    pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        if !dir.is_dir() {
+            return Err(EncoderError::MissingFile(format!(
+                "{}: model directory not found",
+                dir.display()
+            )));
+        }
+        let config_path = dir.join("config.json");
+        if !config_path.is_file() {
+            return Err(EncoderError::MissingFile(format!(
+                "{}: no config.json (is this a HuggingFace model directory?)",
+                dir.display()
+            )));
+        }
+        let config = BertConfig::from_file(&config_path)?;
+        let tokenizer = TextTokenizer::from_dir(dir)?;
+        let tensors = weights::read_checkpoint(&weights::weights_file(dir)?)?;
+        let model = weights::build_model(&config, tensors, device)?;
+        let mut tokenizer_files = Vec::new();
+        for name in TOKENIZER_FILES {
+            let p = dir.join(name);
+            if p.is_file() {
+                tokenizer_files.push((name.to_string(), std::fs::read(&p).map_err(io_err(&p))?));
+            }
+        }
+        tracing::debug!(dir = %dir.display(), layers = config.num_hidden_layers, hidden = config.hidden_size, "loaded encoder");
+        Ok(Encoder {
+            model,
+            tokenizer,
+            config,
+            device: device.clone(),
+            tokenizer_files,
+        })
+    }
+
+    /// An encoder from parts (e.g. a model being trained and its tokenizer).
+    pub fn from_parts(
+        model: BertModel,
+        tokenizer: TextTokenizer,
+        config: BertConfig,
+        device: &Device,
+    ) -> Self {
+        Encoder {
+            model,
+            tokenizer,
+            config,
+            device: device.clone(),
+            tokenizer_files: Vec::new(),
+        }
+    }
+
+    /// Same tokenizer and config, other weights (checked against the config).
+    pub fn with_tensors(&self, tensors: TensorMap) -> Result<Self> {
+        Ok(Encoder {
+            model: weights::build_model(&self.config, tensors, &self.device)?,
+            tokenizer: self.tokenizer.clone(),
+            config: self.config.clone(),
+            device: self.device.clone(),
+            tokenizer_files: self.tokenizer_files.clone(),
+        })
+    }
+
+    /// Same tokenizer and config, another model.
+    pub fn with_model(&self, model: BertModel) -> Self {
+        Encoder {
+            model,
+            tokenizer: self.tokenizer.clone(),
+            config: self.config.clone(),
+            device: self.device.clone(),
+            tokenizer_files: self.tokenizer_files.clone(),
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The weights under their HuggingFace names.
+    pub fn tensors(&self) -> Result<TensorMap> {
+        weights::model_tensors(&self.model)
+    }
+
+    /// Writes a HuggingFace model directory (`config.json`, `model.safetensors`, tokenizer
+    /// files) that `transformers.AutoModel.from_pretrained` loads.
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        weights::write_safetensors(&dir.join("model.safetensors"), &self.tensors()?)?;
+        weights::write_atomic(&dir.join("config.json"), self.config.to_json().as_bytes())?;
+        let has = |n: &str| self.tokenizer_files.iter().any(|(f, _)| f == n);
+        for (name, bytes) in &self.tokenizer_files {
+            weights::write_atomic(&dir.join(name), bytes)?;
+        }
+        if !has("tokenizer.json") {
+            weights::write_atomic(
+                &dir.join("tokenizer.json"),
+                self.tokenizer.to_json()?.as_bytes(),
+            )?;
+        }
+        if !has("tokenizer_config.json") {
+            let cfg = serde_json::json!({
+                "tokenizer_class": "BertTokenizer",
+                "do_lower_case": true,
+                "model_max_length": self.config.max_position_embeddings,
+            });
+            weights::write_atomic(
+                &dir.join("tokenizer_config.json"),
+                serde_json::to_string_pretty(&cfg).expect("json").as_bytes(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The effective maximum length: the requested one, capped by the position table.
+    pub fn max_len(&self, requested: Option<usize>) -> usize {
+        let cap = self.config.max_position_embeddings;
+        requested.map_or(cap, |m| m.min(cap))
+    }
+
+    /// Embeds sentences; vectors come back in input order.
+    pub fn embed(&self, sentences: &[&str], opts: &EmbedOptions) -> Result<Vec<Vec<f32>>> {
+        self.embed_with_progress(sentences, opts, |_| {})
+    }
+
+    /// As [`embed`](Self::embed), calling `progress(n)` after each batch of `n` sentences.
+    pub fn embed_with_progress(
+        &self,
+        sentences: &[&str],
+        opts: &EmbedOptions,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<Vec<f32>>> {
+        if opts.batch_size == 0 {
+            return Err(EncoderError::Input("batch size must be at least 1".into()));
+        }
+        if opts.pooling == Pooling::Pooler && self.model.pooler.is_none() {
+            return Err(EncoderError::Input(
+                "pooling \"pooler\" needs pooler weights, which this checkpoint lacks".into(),
+            ));
+        }
+        let max_len = self.max_len(opts.max_len);
+        let tokens = sentences
+            .iter()
+            .map(|s| self.tokenizer.tokenize(s, max_len))
+            .collect::<Result<Vec<Tokens>>>()?;
+        // Longest first: batches of similar lengths pad little, and the largest batch (the
+        // memory peak) comes first.
+        let mut order: Vec<usize> = (0..tokens.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(tokens[i].ids.len()));
+        let mut out = vec![Vec::new(); sentences.len()];
+        for chunk in order.chunks(opts.batch_size) {
+            let rows: Vec<&Tokens> = chunk.iter().map(|&i| &tokens[i]).collect();
+            let batch = self.tokenizer.pad(&rows);
+            let vectors = self.embed_batch(&BatchTensors::new(&batch, &self.device), opts)?;
+            let dim = vectors.dims()[1];
+            let flat = vectors
+                .into_data()
+                .try_into_vec::<f32>()
+                .map_err(|e| EncoderError::Backend(format!("{e:?}")))?;
+            for (row, &i) in chunk.iter().enumerate() {
+                out[i] = flat[row * dim..(row + 1) * dim].to_vec();
+            }
+            progress(chunk.len());
+        }
+        Ok(out)
+    }
+
+    /// Pooled (and optionally normalised) vectors of one batch, `[batch, hidden]`.
+    pub fn embed_batch(&self, batch: &BatchTensors, opts: &EmbedOptions) -> Result<Tensor<2>> {
+        let out = self.model.forward(batch, &ForwardOptions::inference());
+        let pooled = match opts.pooling {
+            Pooling::Cls => cls(out.hidden),
+            Pooling::Mean => mean_pool(out.hidden, batch.mask.clone()),
+            Pooling::Pooler => self.model.pool(cls(out.hidden)).ok_or_else(|| {
+                EncoderError::Input("this checkpoint has no pooler weights".into())
+            })?,
+        };
+        Ok(if opts.normalize {
+            l2_normalize(pooled)
+        } else {
+            pooled
+        })
+    }
+}
+
+/// `[CLS]` hidden state: `[batch, seq, hidden]` → `[batch, hidden]`.
+pub fn cls(hidden: Tensor<3>) -> Tensor<2> {
+    let [b, _, h] = hidden.dims();
+    hidden.narrow(1, 0, 1).reshape([b, h])
+}
+
+/// Attention-masked mean over the sequence; `mask` is `[batch, seq]` of 1/0.
+pub fn mean_pool(hidden: Tensor<3>, mask: Tensor<2>) -> Tensor<2> {
+    let [b, s, h] = hidden.dims();
+    let counts = mask.clone().sum_dim(1); // [b, 1]
+    let summed = (hidden * mask.reshape([b, s, 1]))
+        .sum_dim(1)
+        .reshape([b, h]);
+    summed / counts
+}
+
+/// Rows divided by their L2 norm (norms below 1e-12 left as 1e-12, as torch's normalize).
+pub fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
+    let norm = x.clone().square().sum_dim(1).sqrt().clamp_min(1e-12);
+    x / norm
+}
+
+/// Cosine similarity of two vectors (0 when either is zero).
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    if na == 0.0 || nb == 0.0 {
+        0.0
+    } else {
+        (dot / (na * nb)) as f32
+    }
+}
+
+/// Resolves a model path given on the command line (checks it exists).
+pub fn model_dir(path: &Path) -> Result<PathBuf> {
+    if path.is_dir() {
+        Ok(path.to_path_buf())
+    } else {
+        Err(EncoderError::MissingFile(format!(
+            "{}: model directory not found (run deploy/fetch-model for the default MiniLM checkpoint)",
+            path.display()
+        )))
+    }
+}

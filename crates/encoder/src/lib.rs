@@ -1,0 +1,24 @@
+//! BERT sentence encoder in burn.
+//!
+//! Loads HuggingFace BERT checkpoints (`config.json`, `model.safetensors` or
+//! `pytorch_model.bin`, `tokenizer.json` or `vocab.txt`), computes exactly what `BertModel`
+//! computes, returns per-layer attention probabilities for training objectives, pools
+//! sentence vectors (`cls`, `mean`, `pooler`) and saves back in the same format.
+//! Knows nothing of training or networking.
+
+pub mod config;
+pub mod device;
+pub mod encoder;
+pub mod error;
+pub mod model;
+pub mod tokenize;
+pub mod weights;
+
+pub use burn;
+pub use config::BertConfig;
+pub use device::parse_device;
+pub use encoder::{EmbedOptions, Encoder, Pooling, cls, cosine, l2_normalize, mean_pool};
+pub use error::{EncoderError, Result};
+pub use model::{BatchTensors, BertModel, BertOutput, ForwardOptions};
+pub use tokenize::{TextTokenizer, TokenBatch, Tokens};
+pub use weights::{HostTensor, TensorMap};

@@ -1,0 +1,297 @@
+//! BERT as HuggingFace's `BertModel` computes it: word + position + token-type embeddings,
+//! post-LayerNorm transformer blocks, exact (erf) GELU, LayerNorm eps from the config.
+//!
+//! Written from `Linear`-like parameters rather than burn's `TransformerEncoder`, which
+//! differs from BERT (LayerNorm eps, dropout placement) and discards the attention maps AMI
+//! needs.
+
+use std::ops::Range;
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{gelu, gelu_approximate, relu, softmax, tanh};
+use burn::tensor::module::{embedding, layer_norm, linear};
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+
+use crate::config::{Activation, BertConfig};
+use crate::tokenize::TokenBatch;
+
+/// A dense layer with its weight stored `[in, out]` (HF stores `[out, in]`; the loader
+/// transposes so the forward pass is a plain matmul).
+#[derive(Module, Debug)]
+pub struct Dense {
+    pub weight: Param<Tensor<2>>,
+    pub bias: Param<Tensor<1>>,
+}
+
+impl Dense {
+    pub fn new(d_in: usize, d_out: usize, std: f64, device: &Device) -> Self {
+        Dense {
+            weight: Param::from_tensor(Tensor::random(
+                [d_in, d_out],
+                Distribution::Normal(0.0, std),
+                device,
+            )),
+            bias: Param::from_tensor(Tensor::zeros([d_out], device)),
+        }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        linear(x, self.weight.val(), Some(self.bias.val()))
+    }
+}
+
+/// LayerNorm over the last dimension.
+#[derive(Module, Debug)]
+pub struct Norm {
+    pub gamma: Param<Tensor<1>>,
+    pub beta: Param<Tensor<1>>,
+    pub eps: f64,
+}
+
+impl Norm {
+    pub fn new(d: usize, eps: f64, device: &Device) -> Self {
+        Norm {
+            gamma: Param::from_tensor(Tensor::ones([d], device)),
+            beta: Param::from_tensor(Tensor::zeros([d], device)),
+            eps,
+        }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        layer_norm(x, self.gamma.val(), Some(self.beta.val()), self.eps)
+    }
+}
+
+/// Inverted dropout: kept entries are divided by `1 - p`, dropped ones are exactly 0 (AMI's
+/// validity mask relies on that).
+pub fn dropout<const D: usize>(x: Tensor<D>, p: f64, train: bool) -> Tensor<D> {
+    if !train || p <= 0.0 {
+        return x;
+    }
+    let keep = x.random_like(Distribution::Bernoulli(1.0 - p));
+    x * keep * (1.0 / (1.0 - p))
+}
+
+#[derive(Module, Debug)]
+pub struct Embeddings {
+    pub word: Param<Tensor<2>>,
+    pub position: Param<Tensor<2>>,
+    pub token_type: Param<Tensor<2>>,
+    pub norm: Norm,
+}
+
+#[derive(Module, Debug)]
+pub struct Layer {
+    pub query: Dense,
+    pub key: Dense,
+    pub value: Dense,
+    pub attention_output: Dense,
+    pub attention_norm: Norm,
+    pub intermediate: Dense,
+    pub output: Dense,
+    pub output_norm: Norm,
+}
+
+/// The optional pooler: `tanh(W h_cls + b)`.
+#[derive(Module, Debug)]
+pub struct Pooler {
+    pub dense: Dense,
+}
+
+/// Hyper-parameters the forward pass reads, copied from [`BertConfig`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dims {
+    pub hidden: usize,
+    pub heads: usize,
+    pub hidden_dropout: f64,
+    pub attention_dropout: f64,
+    pub activation: Activation,
+}
+
+#[derive(Module, Debug)]
+pub struct BertModel {
+    pub embeddings: Embeddings,
+    pub layers: Vec<Layer>,
+    pub pooler: Option<Pooler>,
+    #[module(skip)]
+    pub dims: Dims,
+}
+
+/// What a forward pass should do besides computing hidden states.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardOptions {
+    /// Dropout active (training). Off for inference.
+    pub train: bool,
+    /// Layers whose attention probabilities (after attention dropout) are returned.
+    pub attention_layers: Range<usize>,
+}
+
+impl ForwardOptions {
+    pub fn inference() -> Self {
+        Self::default()
+    }
+}
+
+pub struct BertOutput {
+    /// `[batch, seq, hidden]`
+    pub hidden: Tensor<3>,
+    /// `[batch, heads, seq, seq]` for each layer in `ForwardOptions::attention_layers`.
+    pub attentions: Vec<Tensor<4>>,
+}
+
+/// A token batch on a device.
+pub struct BatchTensors {
+    pub input_ids: Tensor<2, Int>,
+    pub token_type_ids: Tensor<2, Int>,
+    /// `[batch, seq]`, 1.0 for tokens, 0.0 for padding.
+    pub mask: Tensor<2>,
+}
+
+impl BatchTensors {
+    pub fn new(batch: &TokenBatch, device: &Device) -> Self {
+        let shape = [batch.batch, batch.seq_len];
+        let ints =
+            |v: &[i64]| Tensor::<2, Int>::from_data(TensorData::new(v.to_vec(), shape), device);
+        let mask: Vec<f32> = batch.attention_mask.iter().map(|&m| m as f32).collect();
+        BatchTensors {
+            input_ids: ints(&batch.input_ids),
+            token_type_ids: ints(&batch.token_type_ids),
+            mask: Tensor::from_data(TensorData::new(mask, shape), device),
+        }
+    }
+}
+
+impl BertModel {
+    /// A randomly initialised model (normal(0, 0.02) weights as HF initialises BERT).
+    pub fn random(config: &BertConfig, with_pooler: bool, device: &Device) -> Self {
+        let h = config.hidden_size;
+        let eps = config.layer_norm_eps;
+        let std = 0.02;
+        let table = |rows: usize| {
+            Param::from_tensor(Tensor::random(
+                [rows, h],
+                Distribution::Normal(0.0, std),
+                device,
+            ))
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|_| Layer {
+                query: Dense::new(h, h, std, device),
+                key: Dense::new(h, h, std, device),
+                value: Dense::new(h, h, std, device),
+                attention_output: Dense::new(h, h, std, device),
+                attention_norm: Norm::new(h, eps, device),
+                intermediate: Dense::new(h, config.intermediate_size, std, device),
+                output: Dense::new(config.intermediate_size, h, std, device),
+                output_norm: Norm::new(h, eps, device),
+            })
+            .collect();
+        BertModel {
+            embeddings: Embeddings {
+                word: table(config.vocab_size),
+                position: table(config.max_position_embeddings),
+                token_type: table(config.type_vocab_size),
+                norm: Norm::new(h, eps, device),
+            },
+            layers,
+            pooler: with_pooler.then(|| Pooler {
+                dense: Dense::new(h, h, std, device),
+            }),
+            dims: Dims::from_config(config),
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn forward(&self, batch: &BatchTensors, opts: &ForwardOptions) -> BertOutput {
+        let d = self.dims;
+        let [b, s] = batch.input_ids.dims();
+        let e = &self.embeddings;
+        let positions = e.position.val().narrow(0, 0, s).unsqueeze::<3>();
+        let x = embedding(e.word.val(), batch.input_ids.clone())
+            + positions
+            + embedding(e.token_type.val(), batch.token_type_ids.clone());
+        let mut x = dropout(e.norm.forward(x), d.hidden_dropout, opts.train);
+
+        // HF's extended attention mask: (1 - mask) * finfo(f32).min added to the scores, so
+        // padded keys get probability exactly 0.
+        let bias = (batch.mask.clone().neg() + 1.0)
+            .mul_scalar(f32::MIN)
+            .reshape([b, 1, 1, s]);
+
+        let mut attentions = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let keep = opts.attention_layers.contains(&i);
+            let (out, probs) = layer.forward(x, bias.clone(), d, opts.train, keep);
+            x = out;
+            if let Some(p) = probs {
+                attentions.push(p);
+            }
+        }
+        BertOutput {
+            hidden: x,
+            attentions,
+        }
+    }
+
+    /// `tanh(W h_cls + b)`, or `None` when the checkpoint has no pooler.
+    pub fn pool(&self, cls: Tensor<2>) -> Option<Tensor<2>> {
+        self.pooler.as_ref().map(|p| tanh(p.dense.forward(cls)))
+    }
+}
+
+impl Dims {
+    pub fn from_config(config: &BertConfig) -> Self {
+        Dims {
+            hidden: config.hidden_size,
+            heads: config.num_attention_heads,
+            hidden_dropout: config.hidden_dropout_prob,
+            attention_dropout: config.attention_probs_dropout_prob,
+            activation: config.activation().expect("validated config"),
+        }
+    }
+}
+
+impl Layer {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        bias: Tensor<4>,
+        d: Dims,
+        train: bool,
+        keep_probs: bool,
+    ) -> (Tensor<3>, Option<Tensor<4>>) {
+        let [b, s, h] = x.dims();
+        let dh = h / d.heads;
+        let split = |t: Tensor<3>| t.reshape([b, s, d.heads, dh]).swap_dims(1, 2);
+        let q = split(self.query.forward(x.clone()));
+        let k = split(self.key.forward(x.clone()));
+        let v = split(self.value.forward(x.clone()));
+
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (dh as f64).sqrt())
+            + bias;
+        let probs = dropout(softmax(scores, 3), d.attention_dropout, train);
+        let context = probs.clone().matmul(v).swap_dims(1, 2).reshape([b, s, h]);
+
+        let attn = dropout(
+            self.attention_output.forward(context),
+            d.hidden_dropout,
+            train,
+        );
+        let attn = self.attention_norm.forward(attn + x);
+
+        let inter = self.intermediate.forward(attn.clone());
+        let inter = match d.activation {
+            Activation::Gelu => gelu(inter),
+            Activation::GeluTanh => gelu_approximate(inter),
+            Activation::Relu => relu(inter),
+        };
+        let out = dropout(self.output.forward(inter), d.hidden_dropout, train);
+        let out = self.output_norm.forward(out + attn);
+        (out, keep_probs.then_some(probs))
+    }
+}

@@ -1,0 +1,3 @@
+//! miCSE training on a local shard, and SentEval-style STS evaluation.
+
+pub mod objective;

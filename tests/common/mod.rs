@@ -1,0 +1,79 @@
+//! Helpers shared by the end-to-end tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// The all-MiniLM-L6-v2 checkpoint, fetched by `deploy/fetch-model` on first use.
+pub fn minilm() -> PathBuf {
+    let dir = root().join("models/all-MiniLM-L6-v2");
+    if !dir.join("model.safetensors").is_file() {
+        let status = Command::new(root().join("deploy/fetch-model"))
+            .status()
+            .expect("running deploy/fetch-model");
+        assert!(status.success(), "deploy/fetch-model failed");
+    }
+    dir
+}
+
+/// A bundled fixture (copied from the reference outputs in shared/fixtures).
+pub fn fixture(name: &str) -> serde_json::Value {
+    let path = root().join("tests/fixtures").join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Fixture floats were written as shortest f32 strings: parse, then round to f32.
+pub fn f32s(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+pub fn f64s(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+pub fn ints(v: &serde_json::Value) -> Vec<i64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect()
+}
+
+/// A nested list of rows flattened row-major.
+pub fn rows_f32(v: &serde_json::Value) -> Vec<Vec<f32>> {
+    v.as_array().unwrap().iter().map(f32s).collect()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+pub fn sentences(v: &serde_json::Value) -> Vec<String> {
+    v["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
+}
