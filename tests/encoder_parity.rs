@@ -5,7 +5,8 @@ mod common;
 
 use common::*;
 use fedmicse_encoder::{
-    BatchTensors, EmbedOptions, Encoder, ForwardOptions, Pooling, TokenBatch, cls, mean_pool,
+    BatchTensors, Dropout, EmbedOptions, Encoder, ForwardOptions, Pooling, TokenBatch, cls,
+    mean_pool,
 };
 
 fn fixture_batch(tokens: &serde_json::Value, key: &str) -> TokenBatch {
@@ -156,9 +157,9 @@ fn attention_probabilities_match_transformers() {
     let out = enc.model.forward(
         &batch,
         &ForwardOptions {
-            train: false,
             attention_layers: 0..6,
         },
+        &mut Dropout::Off,
     );
     assert_eq!(out.attentions.len(), 6);
     // The hidden states the attentions came from give the fixture's vectors too.

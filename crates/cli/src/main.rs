@@ -2,6 +2,7 @@
 
 mod embed;
 mod logging;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +31,10 @@ enum Command {
     Embed(embed::EmbedArgs),
     /// Print the cosine similarity matrix of the given sentences.
     Similarity(embed::SimilarityArgs),
+    /// Train an encoder with miCSE (or SimCSE) on a sentence file, locally.
+    Train(train::TrainCmd),
+    /// Evaluate on STS tasks: Spearman ×100 of cosine similarity vs gold scores.
+    Eval(train::EvalCmd),
 }
 
 fn main() -> std::process::ExitCode {
@@ -38,6 +43,8 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Embed(args) => embed::run_embed(args),
         Command::Similarity(args) => embed::run_similarity(args),
+        Command::Train(args) => train::run_train(args),
+        Command::Eval(args) => train::run_eval(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

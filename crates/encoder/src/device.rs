@@ -35,6 +35,19 @@ pub fn cpu() -> Device {
     Device::ndarray()
 }
 
+/// Whether tensors on `device` live in host memory (ndarray or flex): there, host-side work
+/// such as drawing dropout masks costs no transfer.
+pub fn is_host(device: &Device) -> bool {
+    if *device == cpu() {
+        return true;
+    }
+    #[cfg(feature = "flex")]
+    if *device == Device::flex() {
+        return true;
+    }
+    false
+}
+
 #[cfg(feature = "flex")]
 fn flex() -> Result<Device> {
     Ok(Device::flex())

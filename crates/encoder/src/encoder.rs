@@ -7,7 +7,7 @@ use burn::tensor::{Device, Tensor};
 
 use crate::config::BertConfig;
 use crate::error::{EncoderError, Result, io_err};
-use crate::model::{BatchTensors, BertModel, ForwardOptions};
+use crate::model::{BatchTensors, BertModel};
 use crate::tokenize::{TextTokenizer, Tokens};
 use crate::weights::{self, TensorMap};
 
@@ -259,11 +259,11 @@ impl Encoder {
 
     /// Pooled (and optionally normalised) vectors of one batch, `[batch, hidden]`.
     pub fn embed_batch(&self, batch: &BatchTensors, opts: &EmbedOptions) -> Result<Tensor<2>> {
-        let out = self.model.forward(batch, &ForwardOptions::inference());
+        let hidden = self.model.infer(batch);
         let pooled = match opts.pooling {
-            Pooling::Cls => cls(out.hidden),
-            Pooling::Mean => mean_pool(out.hidden, batch.mask.clone()),
-            Pooling::Pooler => self.model.pool(cls(out.hidden)).ok_or_else(|| {
+            Pooling::Cls => cls(hidden),
+            Pooling::Mean => mean_pool(hidden, batch.mask.clone()),
+            Pooling::Pooler => self.model.pool(cls(hidden)).ok_or_else(|| {
                 EncoderError::Input("this checkpoint has no pooler weights".into())
             })?,
         };

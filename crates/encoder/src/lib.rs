@@ -19,6 +19,6 @@ pub use config::BertConfig;
 pub use device::parse_device;
 pub use encoder::{EmbedOptions, Encoder, Pooling, cls, cosine, l2_normalize, mean_pool};
 pub use error::{EncoderError, Result};
-pub use model::{BatchTensors, BertModel, BertOutput, ForwardOptions};
+pub use model::{BatchTensors, BertModel, BertOutput, Dropout, ForwardOptions};
 pub use tokenize::{TextTokenizer, TokenBatch, Tokens};
 pub use weights::{HostTensor, TensorMap};

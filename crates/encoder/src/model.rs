@@ -12,6 +12,9 @@ use burn::tensor::activation::{gelu, gelu_approximate, relu, softmax, tanh};
 use burn::tensor::module::{embedding, layer_norm, linear};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
 use crate::config::{Activation, BertConfig};
 use crate::tokenize::TokenBatch;
 
@@ -62,14 +65,59 @@ impl Norm {
     }
 }
 
-/// Inverted dropout: kept entries are divided by `1 - p`, dropped ones are exactly 0 (AMI's
-/// validity mask relies on that).
-pub fn dropout<const D: usize>(x: Tensor<D>, p: f64, train: bool) -> Tensor<D> {
-    if !train || p <= 0.0 {
-        return x;
+/// Where dropout masks come from. Dropout is inverted: kept entries are divided by `1 − p`,
+/// dropped ones are exactly 0 (AMI's validity mask relies on that).
+pub enum Dropout {
+    /// Inference: no dropout.
+    Off,
+    /// The backend's random generator (fast on a GPU; seeded per process with
+    /// `Device::seed`, so concurrent trainings in one process share it).
+    Device,
+    /// Masks drawn on the host from a generator of our own and uploaded: reproducible per
+    /// trainer whatever else runs in the process. The default on CPU.
+    Seeded(Box<ChaCha8Rng>),
+}
+
+impl Dropout {
+    pub fn seeded(seed: u64) -> Self {
+        Dropout::Seeded(Box::new(ChaCha8Rng::seed_from_u64(seed)))
     }
-    let keep = x.random_like(Distribution::Bernoulli(1.0 - p));
-    x * keep * (1.0 / (1.0 - p))
+
+    pub fn is_active(&self) -> bool {
+        !matches!(self, Dropout::Off)
+    }
+
+    pub fn apply<const D: usize>(&mut self, x: Tensor<D>, p: f64) -> Tensor<D> {
+        if p <= 0.0 {
+            return x;
+        }
+        let keep = 1.0 - p;
+        match self {
+            Dropout::Off => x,
+            Dropout::Device => {
+                let mask = x.random_like(Distribution::Bernoulli(keep));
+                x * mask * (1.0 / keep)
+            }
+            Dropout::Seeded(rng) => {
+                let shape = x.shape();
+                let n = shape.num_elements();
+                // One u32 per entry against a threshold: 0 or 1/keep, scale folded in.
+                let threshold = (keep * 4_294_967_296.0) as u64;
+                let scale = (1.0 / keep) as f32;
+                let mask: Vec<f32> = (0..n)
+                    .map(|_| {
+                        if (rng.next_u32() as u64) < threshold {
+                            scale
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let mask = Tensor::<D>::from_data(TensorData::new(mask, shape), &x.device());
+                x * mask
+            }
+        }
+    }
 }
 
 #[derive(Module, Debug)]
@@ -117,19 +165,11 @@ pub struct BertModel {
     pub dims: Dims,
 }
 
-/// What a forward pass should do besides computing hidden states.
+/// What a forward pass should return besides hidden states.
 #[derive(Debug, Clone, Default)]
 pub struct ForwardOptions {
-    /// Dropout active (training). Off for inference.
-    pub train: bool,
     /// Layers whose attention probabilities (after attention dropout) are returned.
     pub attention_layers: Range<usize>,
-}
-
-impl ForwardOptions {
-    pub fn inference() -> Self {
-        Self::default()
-    }
 }
 
 pub struct BertOutput {
@@ -205,7 +245,18 @@ impl BertModel {
         self.layers.len()
     }
 
-    pub fn forward(&self, batch: &BatchTensors, opts: &ForwardOptions) -> BertOutput {
+    /// Inference forward pass: no dropout, no attention maps.
+    pub fn infer(&self, batch: &BatchTensors) -> Tensor<3> {
+        self.forward(batch, &ForwardOptions::default(), &mut Dropout::Off)
+            .hidden
+    }
+
+    pub fn forward(
+        &self,
+        batch: &BatchTensors,
+        opts: &ForwardOptions,
+        dropout: &mut Dropout,
+    ) -> BertOutput {
         let d = self.dims;
         let [b, s] = batch.input_ids.dims();
         let e = &self.embeddings;
@@ -213,7 +264,7 @@ impl BertModel {
         let x = embedding(e.word.val(), batch.input_ids.clone())
             + positions
             + embedding(e.token_type.val(), batch.token_type_ids.clone());
-        let mut x = dropout(e.norm.forward(x), d.hidden_dropout, opts.train);
+        let mut x = dropout.apply(e.norm.forward(x), d.hidden_dropout);
 
         // HF's extended attention mask: (1 - mask) * finfo(f32).min added to the scores, so
         // padded keys get probability exactly 0.
@@ -224,7 +275,7 @@ impl BertModel {
         let mut attentions = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let keep = opts.attention_layers.contains(&i);
-            let (out, probs) = layer.forward(x, bias.clone(), d, opts.train, keep);
+            let (out, probs) = layer.forward(x, bias.clone(), d, dropout, keep);
             x = out;
             if let Some(p) = probs {
                 attentions.push(p);
@@ -260,7 +311,7 @@ impl Layer {
         x: Tensor<3>,
         bias: Tensor<4>,
         d: Dims,
-        train: bool,
+        dropout: &mut Dropout,
         keep_probs: bool,
     ) -> (Tensor<3>, Option<Tensor<4>>) {
         let [b, s, h] = x.dims();
@@ -274,14 +325,10 @@ impl Layer {
             .matmul(k.swap_dims(2, 3))
             .mul_scalar(1.0 / (dh as f64).sqrt())
             + bias;
-        let probs = dropout(softmax(scores, 3), d.attention_dropout, train);
+        let probs = dropout.apply(softmax(scores, 3), d.attention_dropout);
         let context = probs.clone().matmul(v).swap_dims(1, 2).reshape([b, s, h]);
 
-        let attn = dropout(
-            self.attention_output.forward(context),
-            d.hidden_dropout,
-            train,
-        );
+        let attn = dropout.apply(self.attention_output.forward(context), d.hidden_dropout);
         let attn = self.attention_norm.forward(attn + x);
 
         let inter = self.intermediate.forward(attn.clone());
@@ -290,7 +337,7 @@ impl Layer {
             Activation::GeluTanh => gelu_approximate(inter),
             Activation::Relu => relu(inter),
         };
-        let out = dropout(self.output.forward(inter), d.hidden_dropout, train);
+        let out = dropout.apply(self.output.forward(inter), d.hidden_dropout);
         let out = self.output_norm.forward(out + attn);
         (out, keep_probs.then_some(probs))
     }

@@ -1,3 +1,12 @@
 //! miCSE training on a local shard, and SentEval-style STS evaluation.
 
+pub mod data;
+pub mod error;
 pub mod objective;
+pub mod run;
+pub mod sts;
+pub mod trainer;
+
+pub use error::{Result, TrainError};
+pub use run::{Budget, DevSet, Observer, RunConfig, RunSummary};
+pub use trainer::{MlpHead, StepMetrics, TrainConfig, Trainer, default_ami_layers, paper_lambda};

@@ -1,9 +1,9 @@
 //! `PlironCompiler` and its artifacts, with the upstream types and derives. Compiling always
 //! fails: there is no LLVM in this build.
 
-use crate::{STUB_REASON, cpu::PlironEngine, target::LlvmTarget};
 #[cfg(feature = "nvptx")]
 use crate::nvptx::ptx_version::PtxVersion;
+use crate::{STUB_REASON, cpu::PlironEngine, target::LlvmTarget};
 #[cfg(any(feature = "amdgpu", feature = "nvptx"))]
 use alloc::string::String;
 use alloc::vec::Vec;

@@ -161,4 +161,3 @@ fn restrict_common(props: &mut DeviceProperties) {
         .atomic
         .retain(|ty, _| ty.vector_size() == 1);
 }
-

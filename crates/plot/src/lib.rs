@@ -1,0 +1,273 @@
+//! PNG charts: stacked line panels (training curves, federation rounds) and labelled
+//! scatter plots (2-D projections of embeddings). Text uses the bundled DejaVu Sans, so
+//! no system fonts are needed.
+
+use std::path::Path;
+use std::sync::Once;
+
+use plotters::prelude::*;
+use plotters::style::{FontStyle, register_font};
+
+#[derive(Debug, thiserror::Error)]
+#[error("plot {path}: {message}")]
+pub struct PlotError {
+    pub path: String,
+    pub message: String,
+}
+
+pub type Result<T> = std::result::Result<T, PlotError>;
+
+const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+const FAMILY: &str = "sans-serif";
+
+fn fonts() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if register_font(FAMILY, FontStyle::Normal, FONT).is_err() {
+            // Only possible if the bundled file is corrupt; text would be missing.
+            eprintln!("warning: bundled plot font failed to load");
+        }
+    });
+}
+
+/// A named line.
+#[derive(Debug, Clone)]
+pub struct Series {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+    /// Draw a marker on every point (for sparse series such as periodic evaluations).
+    pub markers: bool,
+}
+
+impl Series {
+    pub fn line(label: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
+        Series {
+            label: label.into(),
+            points,
+            markers: false,
+        }
+    }
+
+    pub fn marked(label: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
+        Series {
+            label: label.into(),
+            points,
+            markers: true,
+        }
+    }
+}
+
+/// One chart of a figure.
+#[derive(Debug, Clone)]
+pub struct Panel {
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    pub series: Vec<Series>,
+}
+
+fn err(path: &Path, e: impl std::fmt::Display) -> PlotError {
+    PlotError {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// Range of values with a little margin; a flat or empty range is widened.
+fn span(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    for v in values.filter(|v| v.is_finite()) {
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    if hi - lo < 1e-12 {
+        let pad = lo.abs().max(1.0) * 0.05;
+        return (lo - pad, hi + pad);
+    }
+    let pad = (hi - lo) * 0.05;
+    (lo - pad, hi + pad)
+}
+
+fn color(i: usize) -> RGBColor {
+    const COLORS: [RGBColor; 6] = [
+        RGBColor(31, 119, 180),
+        RGBColor(214, 39, 40),
+        RGBColor(44, 160, 44),
+        RGBColor(255, 127, 14),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+    ];
+    COLORS[i % COLORS.len()]
+}
+
+/// Panels stacked vertically in one PNG, `width` pixels wide, 320 pixels per panel.
+pub fn line_panels(path: &Path, title: &str, panels: &[Panel], width: u32) -> Result<()> {
+    fonts();
+    let height = 60 + 320 * panels.len().max(1) as u32;
+    let root = BitMapBackend::new(path, (width, height)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(path, e))?;
+    let root = root.titled(title, (FAMILY, 24)).map_err(|e| err(path, e))?;
+    let areas = root.split_evenly((panels.len().max(1), 1));
+    for (panel, area) in panels.iter().zip(areas.iter()) {
+        let xs = span(
+            panel
+                .series
+                .iter()
+                .flat_map(|s| s.points.iter().map(|p| p.0)),
+        );
+        let ys = span(
+            panel
+                .series
+                .iter()
+                .flat_map(|s| s.points.iter().map(|p| p.1)),
+        );
+        let mut chart = ChartBuilder::on(area)
+            .caption(&panel.title, (FAMILY, 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(xs.0..xs.1, ys.0..ys.1)
+            .map_err(|e| err(path, e))?;
+        chart
+            .configure_mesh()
+            .x_desc(&panel.x_label)
+            .y_desc(&panel.y_label)
+            .label_style((FAMILY, 13))
+            .axis_desc_style((FAMILY, 14))
+            .draw()
+            .map_err(|e| err(path, e))?;
+        for (i, s) in panel.series.iter().enumerate() {
+            let c = color(i);
+            let pts: Vec<(f64, f64)> = s
+                .points
+                .iter()
+                .copied()
+                .filter(|p| p.1.is_finite())
+                .collect();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
+                .map_err(|e| err(path, e))?
+                .label(&s.label)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
+                });
+            if s.markers {
+                chart
+                    .draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))
+                    .map_err(|e| err(path, e))?;
+            }
+        }
+        if panel.series.len() > 1 || panel.series.iter().any(|s| !s.label.is_empty()) {
+            chart
+                .configure_series_labels()
+                .label_font((FAMILY, 13))
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK.mix(0.3))
+                .position(SeriesLabelPosition::UpperRight)
+                .draw()
+                .map_err(|e| err(path, e))?;
+        }
+    }
+    root.present().map_err(|e| err(path, e))?;
+    Ok(())
+}
+
+/// A labelled scatter plot: `points[i] = (x, y, class)`, `classes[class]` its legend name.
+pub fn scatter(
+    path: &Path,
+    title: &str,
+    axes: (&str, &str),
+    points: &[(f64, f64, usize)],
+    classes: &[String],
+) -> Result<()> {
+    fonts();
+    let root = BitMapBackend::new(path, (900, 760)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(path, e))?;
+    let xs = span(points.iter().map(|p| p.0));
+    let ys = span(points.iter().map(|p| p.1));
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, (FAMILY, 22))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(xs.0..xs.1, ys.0..ys.1)
+        .map_err(|e| err(path, e))?;
+    chart
+        .configure_mesh()
+        .x_desc(axes.0)
+        .y_desc(axes.1)
+        .label_style((FAMILY, 13))
+        .axis_desc_style((FAMILY, 14))
+        .draw()
+        .map_err(|e| err(path, e))?;
+    for (k, name) in classes.iter().enumerate() {
+        let c = color(k);
+        chart
+            .draw_series(
+                points
+                    .iter()
+                    .filter(|p| p.2 == k)
+                    .map(|p| Circle::new((p.0, p.1), 3, c.mix(0.75).filled())),
+            )
+            .map_err(|e| err(path, e))?
+            .label(name)
+            .legend(move |(x, y)| Circle::new((x + 8, y), 4, c.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .label_font((FAMILY, 14))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(|e| err(path, e))?;
+    root.present().map_err(|e| err(path, e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_png_files() {
+        let dir = std::env::temp_dir().join(format!("fedmicse-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("lines.png");
+        let panel = Panel {
+            title: "loss".into(),
+            x_label: "step".into(),
+            y_label: "loss".into(),
+            series: vec![
+                Series::line(
+                    "loss",
+                    (0..50)
+                        .map(|i| (i as f64, 1.0 / (1.0 + i as f64)))
+                        .collect(),
+                ),
+                Series::marked("dev", vec![(10.0, 0.5), (20.0, 0.3)]),
+            ],
+        };
+        line_panels(&p, "training", &[panel.clone(), panel], 800).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        assert!(bytes.len() > 5_000);
+        let s = dir.join("scatter.png");
+        let pts: Vec<(f64, f64, usize)> = (0..100)
+            .map(|i| ((i as f64).sin(), (i as f64).cos(), i % 3))
+            .collect();
+        scatter(
+            &s,
+            "pca",
+            ("pc1", "pc2"),
+            &pts,
+            &["a".into(), "b".into(), "c".into()],
+        )
+        .unwrap();
+        assert!(std::fs::read(&s).unwrap().len() > 5_000);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,329 @@
+//! A whole training run on a sentence file: epochs or steps, periodic STS dev evaluation,
+//! best and last checkpoints, a JSONL metrics log and a PNG plot.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use fedmicse_encoder::{EmbedOptions, Encoder, Pooling};
+use fedmicse_plot::{Panel, Series, line_panels};
+use serde::Serialize;
+
+use crate::data::{batches_per_epoch, epoch_batches};
+use crate::error::{Result, TrainError};
+use crate::objective::AmiStatus;
+use crate::sts::{self, StsPair};
+use crate::trainer::{MlpHead, StepMetrics, TrainConfig, Trainer};
+
+/// How long to train.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Budget {
+    Epochs(usize),
+    Steps(usize),
+}
+
+impl Budget {
+    pub fn total_steps(self, sentences: usize, batch_size: usize) -> usize {
+        match self {
+            Budget::Epochs(e) => e * batches_per_epoch(sentences, batch_size),
+            Budget::Steps(s) => s,
+        }
+    }
+}
+
+/// A development set for checkpoint selection.
+#[derive(Debug, Clone)]
+pub struct DevSet {
+    pub name: String,
+    pub pairs: Vec<StsPair>,
+    pub max_len: Option<usize>,
+}
+
+impl DevSet {
+    pub fn load(path: &Path) -> Result<Self> {
+        Ok(DevSet {
+            name: path.display().to_string(),
+            pairs: sts::read_task(path)?,
+            max_len: None,
+        })
+    }
+
+    /// Spearman ×100 with [CLS] pooling (the miCSE embedding).
+    pub fn score(&self, encoder: &Encoder) -> Result<f64> {
+        let opts = EmbedOptions {
+            pooling: Pooling::Cls,
+            max_len: self.max_len,
+            ..Default::default()
+        };
+        sts::evaluate(encoder, &self.pairs, &opts)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub train: TrainConfig,
+    pub budget: Budget,
+    pub dev: Option<DevSet>,
+    /// Evaluate every this many steps (and at the start and the end).
+    pub eval_every: usize,
+    pub output: PathBuf,
+}
+
+/// Callbacks for progress display.
+pub trait Observer {
+    fn start(&mut self, _total_steps: usize) {}
+    fn step(&mut self, _metrics: &StepMetrics) {}
+    fn eval(&mut self, _step: usize, _spearman: f64, _best: bool) {}
+    fn finish(&mut self) {}
+}
+
+/// An observer that does nothing.
+pub struct Quiet;
+impl Observer for Quiet {}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub steps: usize,
+    pub sentences: usize,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub initial_dev: Option<f64>,
+    pub best_dev: Option<f64>,
+    pub best_step: Option<usize>,
+    pub final_dev: Option<f64>,
+    pub ami_skipped_steps: usize,
+    pub seconds: f64,
+    pub sentences_per_second: f64,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Record<'a> {
+    Step {
+        step: usize,
+        epoch: usize,
+        loss: f64,
+        info_nce: f64,
+        ami: Option<f64>,
+        ami_status: &'a str,
+        lr: f64,
+        grad_norm: f64,
+        sentences_per_second: f64,
+    },
+    Eval {
+        step: usize,
+        dev_spearman: f64,
+        best: bool,
+    },
+}
+
+pub fn status_name(s: AmiStatus) -> &'static str {
+    match s {
+        AmiStatus::Ok => "ok",
+        AmiStatus::Fallback => "fallback",
+        AmiStatus::ZeroSamples => "zero_samples",
+        AmiStatus::NonFinite => "non_finite",
+        AmiStatus::Off => "off",
+    }
+}
+
+/// Saves encoder and head as a HuggingFace directory plus `training_head.safetensors`.
+pub fn save_checkpoint(encoder: &Encoder, head: &MlpHead, dir: &Path) -> Result<()> {
+    encoder.save(dir)?;
+    head.save(dir)
+}
+
+/// Trains `encoder` on `sentences` and writes `best/` (when a dev set is given), `last/`,
+/// `metrics.jsonl`, `training.png` and `summary.json` under `config.output`.
+pub fn run(
+    encoder: &Encoder,
+    head: Option<MlpHead>,
+    sentences: &[String],
+    mut config: RunConfig,
+    observer: &mut dyn Observer,
+) -> Result<RunSummary> {
+    if sentences.len() < 2 {
+        return Err(TrainError::Data(format!(
+            "training needs at least 2 distinct sentences, got {}",
+            sentences.len()
+        )));
+    }
+    let out = &config.output;
+    std::fs::create_dir_all(out).map_err(|source| TrainError::Io {
+        path: out.clone(),
+        source,
+    })?;
+    let batch_size = config.train.batch_size.min(sentences.len());
+    config.train.batch_size = batch_size;
+    let total = config.budget.total_steps(sentences.len(), batch_size);
+    if total == 0 {
+        return Err(TrainError::Config("the run has 0 steps".into()));
+    }
+    config.train.total_steps = total;
+    let mut trainer = Trainer::new(encoder, head, config.train.clone())?;
+    let metrics_path = out.join("metrics.jsonl");
+    let mut log =
+        std::io::BufWriter::new(std::fs::File::create(&metrics_path).map_err(|source| {
+            TrainError::Io {
+                path: metrics_path.clone(),
+                source,
+            }
+        })?);
+    let mut write = |r: &Record| -> Result<()> {
+        serde_json::to_writer(&mut log, r).expect("serialisable");
+        log.write_all(b"\n")
+            .and_then(|_| log.flush())
+            .map_err(|source| TrainError::Io {
+                path: metrics_path.clone(),
+                source,
+            })
+    };
+
+    let started = std::time::Instant::now();
+    observer.start(total);
+    let mut steps: Vec<StepMetrics> = Vec::new();
+    let mut evals: Vec<(usize, f64)> = Vec::new();
+    let mut best: Option<(usize, f64)> = None;
+    let evaluate = |trainer: &Trainer,
+                    evals: &mut Vec<(usize, f64)>,
+                    best: &mut Option<(usize, f64)>,
+                    observer: &mut dyn Observer,
+                    write: &mut dyn FnMut(&Record) -> Result<()>|
+     -> Result<()> {
+        let Some(dev) = &config.dev else {
+            return Ok(());
+        };
+        let step = trainer.steps_done();
+        let current = trainer.encoder(encoder);
+        let score = dev.score(&current)?;
+        let improved = best.is_none_or(|(_, b)| score > b);
+        if improved {
+            *best = Some((step, score));
+            save_checkpoint(&current, &trainer.head(), &out.join("best"))?;
+        }
+        evals.push((step, score));
+        observer.eval(step, score, improved);
+        tracing::info!(
+            step,
+            dev_spearman = format!("{score:.2}"),
+            best = improved,
+            "evaluated"
+        );
+        write(&Record::Eval {
+            step,
+            dev_spearman: score,
+            best: improved,
+        })
+    };
+    evaluate(&trainer, &mut evals, &mut best, observer, &mut write)?;
+
+    let mut epoch = 0;
+    'outer: loop {
+        for batch in epoch_batches(sentences.len(), batch_size, config.train.seed, epoch as u64) {
+            if trainer.steps_done() >= total {
+                break 'outer;
+            }
+            let refs: Vec<&str> = batch.iter().map(|&i| sentences[i].as_str()).collect();
+            let m = trainer.step(&refs)?;
+            observer.step(&m);
+            write(&Record::Step {
+                step: m.step,
+                epoch,
+                loss: m.loss,
+                info_nce: m.info_nce,
+                ami: m.ami,
+                ami_status: status_name(m.ami_status),
+                lr: m.lr,
+                grad_norm: m.grad_norm,
+                sentences_per_second: m.sentences as f64 / m.seconds,
+            })?;
+            steps.push(m);
+            let done = trainer.steps_done();
+            if config.eval_every > 0 && done % config.eval_every == 0 && done < total {
+                evaluate(&trainer, &mut evals, &mut best, observer, &mut write)?;
+            }
+        }
+        epoch += 1;
+    }
+    if evals.last().is_none_or(|(s, _)| *s != trainer.steps_done()) {
+        evaluate(&trainer, &mut evals, &mut best, observer, &mut write)?;
+    }
+    let last = trainer.encoder(encoder);
+    save_checkpoint(&last, &trainer.head(), &out.join("last"))?;
+    observer.finish();
+
+    let seconds = started.elapsed().as_secs_f64();
+    let train_seconds: f64 = steps.iter().map(|m| m.seconds).sum();
+    let trained: usize = steps.iter().map(|m| m.sentences).sum();
+    let summary = RunSummary {
+        steps: trainer.steps_done(),
+        sentences: sentences.len(),
+        first_loss: steps.first().map(|m| m.loss),
+        last_loss: steps.last().map(|m| m.loss),
+        initial_dev: evals.first().map(|e| e.1),
+        best_dev: best.map(|b| b.1),
+        best_step: best.map(|b| b.0),
+        final_dev: evals.last().map(|e| e.1),
+        ami_skipped_steps: steps
+            .iter()
+            .filter(|m| matches!(m.ami_status, AmiStatus::NonFinite | AmiStatus::ZeroSamples))
+            .count(),
+        seconds,
+        sentences_per_second: if train_seconds > 0.0 {
+            trained as f64 / train_seconds
+        } else {
+            0.0
+        },
+    };
+    let summary_path = out.join("summary.json");
+    std::fs::write(
+        &summary_path,
+        serde_json::to_string_pretty(&summary).expect("json"),
+    )
+    .map_err(|source| TrainError::Io {
+        path: summary_path,
+        source,
+    })?;
+    plot_training(&out.join("training.png"), &steps, &evals)?;
+    Ok(summary)
+}
+
+/// Loss (and its parts) over steps, and dev Spearman at each evaluation.
+pub fn plot_training(path: &Path, steps: &[StepMetrics], evals: &[(usize, f64)]) -> Result<()> {
+    let xy = |f: &dyn Fn(&StepMetrics) -> Option<f64>| -> Vec<(f64, f64)> {
+        steps
+            .iter()
+            .filter_map(|m| f(m).map(|v| (m.step as f64, v)))
+            .collect()
+    };
+    let mut panels = vec![Panel {
+        title: "Training loss".into(),
+        x_label: "step".into(),
+        y_label: "loss".into(),
+        series: vec![
+            Series::line("total", xy(&|m| Some(m.loss))),
+            Series::line("InfoNCE", xy(&|m| Some(m.info_nce))),
+        ],
+    }];
+    let ami = xy(&|m| m.ami);
+    if !ami.is_empty() {
+        panels.push(Panel {
+            title: "AMI term (before λ)".into(),
+            x_label: "step".into(),
+            y_label: "AMI".into(),
+            series: vec![Series::line("AMI", ami)],
+        });
+    }
+    if !evals.is_empty() {
+        panels.push(Panel {
+            title: "STS dev Spearman ×100 ([CLS])".into(),
+            x_label: "step".into(),
+            y_label: "Spearman".into(),
+            series: vec![Series::marked(
+                "dev",
+                evals.iter().map(|&(s, v)| (s as f64, v)).collect(),
+            )],
+        });
+    }
+    line_panels(path, "fedmicse training", &panels, 900)
+        .map_err(|e| TrainError::Plot(e.to_string()))
+}
