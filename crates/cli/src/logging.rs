@@ -26,7 +26,13 @@ pub fn init(args: &LogArgs) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match args.log_format {
-        LogFormat::Text => builder.with_target(false).init(),
+        LogFormat::Text => {
+            use std::io::IsTerminal;
+            builder
+                .with_target(false)
+                .with_ansi(std::io::stderr().is_terminal())
+                .init()
+        }
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }

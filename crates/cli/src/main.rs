@@ -1,7 +1,9 @@
 //! `fedmicse`: federated low-shot training of sentence encoders with miCSE.
 
 mod embed;
+mod fed;
 mod logging;
+mod simulate;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +37,17 @@ enum Command {
     Train(train::TrainCmd),
     /// Evaluate on STS tasks: Spearman ×100 of cosine similarity vs gold scores.
     Eval(train::EvalCmd),
+    /// Run the coordinator daemon: rounds, FedAvg, checkpoints, evaluation, inference.
+    Coordinator(fed::CoordinatorCmd),
+    /// Run a client agent beside a data silo: pull, train locally, send deltas.
+    Agent(fed::AgentCmd),
+    /// Simulate a federation on one machine: coordinator and N agents over real mTLS gRPC.
+    Simulate(simulate::SimulateCmd),
+    /// Create the federation's CA and certificates.
+    #[command(subcommand)]
+    Certs(fed::CertsCmd),
+    /// Print a coordinator's state.
+    Status(fed::StatusCmd),
 }
 
 fn main() -> std::process::ExitCode {
@@ -45,6 +58,11 @@ fn main() -> std::process::ExitCode {
         Command::Similarity(args) => embed::run_similarity(args),
         Command::Train(args) => train::run_train(args),
         Command::Eval(args) => train::run_eval(args),
+        Command::Coordinator(args) => fed::run_coordinator(args),
+        Command::Agent(args) => fed::run_agent(args),
+        Command::Simulate(args) => simulate::run_simulate(args),
+        Command::Certs(args) => fed::run_certs(args),
+        Command::Status(args) => fed::run_status(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -112,6 +112,7 @@ impl TrainArgs {
             total_steps: 1,
             max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
             seed: self.seed,
+            trainable: Vec::new(),
         }
     }
 

@@ -179,29 +179,72 @@ impl Encoder {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         weights::write_safetensors(&dir.join("model.safetensors"), &self.tensors()?)?;
-        weights::write_atomic(&dir.join("config.json"), self.config.to_json().as_bytes())?;
-        let has = |n: &str| self.tokenizer_files.iter().any(|(f, _)| f == n);
-        for (name, bytes) in &self.tokenizer_files {
-            weights::write_atomic(&dir.join(name), bytes)?;
+        for (name, bytes) in self.files()? {
+            weights::write_atomic(&dir.join(name), &bytes)?;
         }
-        if !has("tokenizer.json") {
-            weights::write_atomic(
-                &dir.join("tokenizer.json"),
-                self.tokenizer.to_json()?.as_bytes(),
-            )?;
+        Ok(())
+    }
+
+    /// Every file of a saved checkpoint except the weights: `config.json`, `tokenizer.json`
+    /// (generated when the source had only `vocab.txt`), `tokenizer_config.json` and the
+    /// other tokenizer files of the source.
+    pub fn files(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut files = vec![(
+            "config.json".to_string(),
+            self.config.to_json().into_bytes(),
+        )];
+        files.extend(self.tokenizer_files.iter().cloned());
+        let has = |files: &[(String, Vec<u8>)], n: &str| files.iter().any(|(f, _)| f == n);
+        if !has(&files, "tokenizer.json") {
+            files.push((
+                "tokenizer.json".into(),
+                self.tokenizer.to_json()?.into_bytes(),
+            ));
         }
-        if !has("tokenizer_config.json") {
+        if !has(&files, "tokenizer_config.json") {
             let cfg = serde_json::json!({
                 "tokenizer_class": "BertTokenizer",
                 "do_lower_case": true,
                 "model_max_length": self.config.max_position_embeddings,
             });
-            weights::write_atomic(
-                &dir.join("tokenizer_config.json"),
-                serde_json::to_string_pretty(&cfg).expect("json").as_bytes(),
-            )?;
+            files.push((
+                "tokenizer_config.json".into(),
+                serde_json::to_vec_pretty(&cfg).expect("json"),
+            ));
         }
-        Ok(())
+        Ok(files)
+    }
+
+    /// Builds an encoder from [`files`](Self::files) and weights held in memory (a model
+    /// received over the network). Needs `config.json` and `tokenizer.json`.
+    pub fn from_memory(
+        files: Vec<(String, Vec<u8>)>,
+        tensors: TensorMap,
+        device: &Device,
+    ) -> Result<Self> {
+        let get = |name: &str| {
+            files
+                .iter()
+                .find(|(f, _)| f == name)
+                .map(|(_, b)| b.as_slice())
+                .ok_or_else(|| EncoderError::MissingFile(format!("model files lack {name}")))
+        };
+        let config_text = std::str::from_utf8(get("config.json")?)
+            .map_err(|_| EncoderError::Input("config.json is not UTF-8".into()))?;
+        let config = BertConfig::from_json(config_text, Path::new("config.json"))?;
+        let tokenizer = TextTokenizer::from_json_bytes(get("tokenizer.json")?)?;
+        let model = weights::build_model(&config, tensors, device)?;
+        let tokenizer_files = files
+            .into_iter()
+            .filter(|(f, _)| TOKENIZER_FILES.contains(&f.as_str()))
+            .collect();
+        Ok(Encoder {
+            model,
+            tokenizer,
+            config,
+            device: device.clone(),
+            tokenizer_files,
+        })
     }
 
     /// The effective maximum length: the requested one, capped by the position table.

@@ -60,6 +60,13 @@ impl TextTokenizer {
         }
     }
 
+    /// From the text of a `tokenizer.json`.
+    pub fn from_json_bytes(bytes: &[u8]) -> Result<Self> {
+        let inner = Tokenizer::from_bytes(bytes)
+            .map_err(|e| EncoderError::Tokenizer(format!("tokenizer.json: {e}")))?;
+        Self::from_tokenizer(inner)
+    }
+
     /// The BERT WordPiece pipeline over a `vocab.txt` (BertNormalizer with clean_text,
     /// handle_chinese_chars, accents stripped when lowercasing, BertPreTokenizer, [CLS]/[SEP]).
     pub fn from_vocab(vocab: &Path, lowercase: bool) -> Result<Self> {

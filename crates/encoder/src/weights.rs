@@ -460,6 +460,88 @@ pub fn model_tensors(model: &BertModel) -> Result<TensorMap> {
     Ok(map)
 }
 
+/// Whether an HF tensor name is selected by `patterns`: equal to one, or starting with one
+/// that ends in '.'. An empty pattern list selects everything.
+pub fn name_matches(name: &str, patterns: &[String]) -> bool {
+    patterns.is_empty()
+        || patterns
+            .iter()
+            .any(|p| name == p || (p.ends_with('.') && name.starts_with(p.as_str())))
+}
+
+/// Marks parameters whose HF name satisfies `frozen` as not trainable (no gradient, left
+/// unchanged by the optimizer).
+pub fn freeze(mut model: BertModel, frozen: &dyn Fn(&str) -> bool) -> BertModel {
+    fn p<const D: usize>(
+        param: Param<Tensor<D>>,
+        name: &str,
+        frozen: &dyn Fn(&str) -> bool,
+    ) -> Param<Tensor<D>> {
+        if frozen(name) {
+            param.set_require_grad(false)
+        } else {
+            param
+        }
+    }
+    fn norm(n: Norm, prefix: &str, frozen: &dyn Fn(&str) -> bool) -> Norm {
+        Norm {
+            gamma: p(n.gamma, &format!("{prefix}.weight"), frozen),
+            beta: p(n.beta, &format!("{prefix}.bias"), frozen),
+            eps: n.eps,
+        }
+    }
+    fn dense(d: Dense, prefix: &str, frozen: &dyn Fn(&str) -> bool) -> Dense {
+        Dense {
+            weight: p(d.weight, &format!("{prefix}.weight"), frozen),
+            bias: p(d.bias, &format!("{prefix}.bias"), frozen),
+        }
+    }
+    let e = model.embeddings;
+    model.embeddings = Embeddings {
+        word: p(e.word, "embeddings.word_embeddings.weight", frozen),
+        position: p(e.position, "embeddings.position_embeddings.weight", frozen),
+        token_type: p(
+            e.token_type,
+            "embeddings.token_type_embeddings.weight",
+            frozen,
+        ),
+        norm: norm(e.norm, "embeddings.LayerNorm", frozen),
+    };
+    model.layers = std::mem::take(&mut model.layers)
+        .into_iter()
+        .enumerate()
+        .map(|(l, layer)| {
+            let x = format!("encoder.layer.{l}");
+            Layer {
+                query: dense(layer.query, &format!("{x}.attention.self.query"), frozen),
+                key: dense(layer.key, &format!("{x}.attention.self.key"), frozen),
+                value: dense(layer.value, &format!("{x}.attention.self.value"), frozen),
+                attention_output: dense(
+                    layer.attention_output,
+                    &format!("{x}.attention.output.dense"),
+                    frozen,
+                ),
+                attention_norm: norm(
+                    layer.attention_norm,
+                    &format!("{x}.attention.output.LayerNorm"),
+                    frozen,
+                ),
+                intermediate: dense(
+                    layer.intermediate,
+                    &format!("{x}.intermediate.dense"),
+                    frozen,
+                ),
+                output: dense(layer.output, &format!("{x}.output.dense"), frozen),
+                output_norm: norm(layer.output_norm, &format!("{x}.output.LayerNorm"), frozen),
+            }
+        })
+        .collect();
+    model.pooler = model.pooler.map(|pl| Pooler {
+        dense: dense(pl.dense, "pooler.dense", frozen),
+    });
+    model
+}
+
 /// Writes tensors as a safetensors file (f32, `format: pt` metadata as `transformers`
 /// requires), atomically: temporary file, fsync, rename.
 pub fn write_safetensors(path: &Path, tensors: &TensorMap) -> Result<()> {

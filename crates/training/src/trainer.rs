@@ -151,6 +151,9 @@ pub struct TrainConfig {
     /// Clip the global gradient norm (PyTorch's `clip_grad_norm_`); `None` = no clipping.
     pub max_grad_norm: Option<f64>,
     pub seed: u64,
+    /// Tensors trained (HF names, or prefixes ending in '.'; the head is `mlp.dense.*`);
+    /// empty = all. The others stay frozen.
+    pub trainable: Vec<String>,
 }
 
 impl TrainConfig {
@@ -171,6 +174,7 @@ impl TrainConfig {
             total_steps: 1,
             max_grad_norm: Some(1.0),
             seed: 48,
+            trainable: Vec::new(),
         }
     }
 
@@ -296,8 +300,17 @@ impl Trainer {
         } else {
             Dropout::Device
         };
+        let trainable = config.trainable.clone();
+        let frozen = move |name: &str| !weights::name_matches(name, &trainable);
+        let mut head = head;
+        if frozen(HEAD_W) {
+            head.dense.weight = head.dense.weight.set_require_grad(false);
+        }
+        if frozen(HEAD_B) {
+            head.dense.bias = head.dense.bias.set_require_grad(false);
+        }
         let model = TrainModel {
-            bert: encoder.model.clone(),
+            bert: weights::freeze(encoder.model.clone(), &frozen),
             head,
         }
         .train();

@@ -1,0 +1,158 @@
+//! `agent.toml`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The coordinator: `https://HOST:PORT` (mutual TLS), or `http://HOST:PORT` when the
+    /// coordinator allows plaintext for local experiments.
+    pub coordinator: String,
+    /// Name the coordinator's certificate must carry [default: the host of `coordinator`].
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Required for https.
+    #[serde(default)]
+    pub tls: Option<TlsPaths>,
+    /// Client id sent in a header over plaintext (with TLS the certificate says who we are).
+    #[serde(default)]
+    pub plaintext_client_id: Option<String>,
+    pub data: DataConfig,
+    /// Training device: cpu, cuda, cuda:N.
+    #[serde(default = "d_device")]
+    pub device: String,
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPaths {
+    /// The federation CA (verifies the coordinator).
+    pub ca: PathBuf,
+    /// This agent's certificate and key (its common name is the client id).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// The silo's sentences, one per line. They never leave this machine.
+    pub file: PathBuf,
+    /// Use a reproducible sample of N sentences instead of the whole file.
+    #[serde(default)]
+    pub sample: Option<usize>,
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// First wait after a failed call; doubles up to `max_ms`.
+    pub initial_ms: u64,
+    pub max_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial_ms: 500,
+            max_ms: 30_000,
+        }
+    }
+}
+
+fn d_device() -> String {
+    "cpu".into()
+}
+fn d_seed() -> u64 {
+    48
+}
+
+impl AgentConfig {
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut c: AgentConfig =
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut c.data.file);
+        if let Some(t) = &mut c.tls {
+            fix(&mut t.ca);
+            fix(&mut t.cert);
+            fix(&mut t.key);
+        }
+        c.validate()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let https = self.coordinator.starts_with("https://");
+        let http = self.coordinator.starts_with("http://");
+        if !https && !http {
+            return Err(format!(
+                "coordinator {:?}: expected https://HOST:PORT",
+                self.coordinator
+            ));
+        }
+        if https && self.tls.is_none() {
+            return Err("[tls] is missing: an https coordinator needs ca, cert and key".into());
+        }
+        if http && self.plaintext_client_id.is_none() {
+            return Err("plaintext (http://) needs plaintext_client_id".into());
+        }
+        if self.retry.initial_ms == 0 || self.retry.max_ms < self.retry.initial_ms {
+            return Err("retry: need 0 < initial_ms <= max_ms".into());
+        }
+        Ok(())
+    }
+
+    /// The TLS name to expect: `server_name`, else the URL's host.
+    pub fn domain(&self) -> String {
+        if let Some(s) = &self.server_name {
+            return s.clone();
+        }
+        let rest = self.coordinator.split("://").nth(1).unwrap_or_default();
+        let host = rest.split('/').next().unwrap_or_default();
+        match host.rsplit_once(':') {
+            Some((h, _)) => h.trim_matches(['[', ']']).to_string(),
+            None => host.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_checks() {
+        let text = r#"
+coordinator = "https://fed.example.org:7443"
+[tls]
+ca = "ca.pem"
+cert = "a.pem"
+key = "a.key"
+[data]
+file = "shard.txt"
+"#;
+        let c: AgentConfig = toml::from_str(text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.domain(), "fed.example.org");
+        assert!(
+            toml::from_str::<AgentConfig>(&text.replace("[data]", "[data]\nfiel = 1")).is_err()
+        );
+        let mut p = c.clone();
+        p.coordinator = "http://127.0.0.1:1".into();
+        assert!(p.validate().unwrap_err().contains("plaintext_client_id"));
+    }
+}

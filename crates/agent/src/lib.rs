@@ -1,0 +1,256 @@
+//! The client agent beside a data silo: joins the federation with its certificate, and for
+//! every round it is selected for pulls the global encoder, trains miCSE on the silo's
+//! sentences and sends back the weight delta `Δ = W_local − W_global`. The sentences never
+//! leave the machine. Reconnects with backoff when the coordinator is away.
+
+pub mod config;
+pub mod local;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedmicse_encoder::{Encoder, TensorMap, parse_device};
+use fedmicse_federation::{TaskConfig, delta, trainable_names};
+use fedmicse_training::MlpHead;
+use fedmicse_wire::client::{Connection, PulledModel, Target};
+use fedmicse_wire::pb::{self, LocalMetrics};
+use tokio::sync::{Semaphore, watch};
+use tonic::Code;
+
+pub use config::AgentConfig;
+
+/// What an agent did, for logs and simulations.
+#[derive(Debug, Clone, Default)]
+pub struct AgentReport {
+    pub client_id: String,
+    pub rounds_trained: Vec<u64>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+/// An update kept until the coordinator has it, so a coordinator restart costs a resend,
+/// not a retraining.
+struct Pending {
+    round: u64,
+    model_digest: Vec<u8>,
+    num_samples: u64,
+    metrics: LocalMetrics,
+    delta: Arc<TensorMap>,
+}
+
+pub struct Agent {
+    target: Target,
+    shard: Arc<Vec<String>>,
+    device: fedmicse_encoder::burn::tensor::Device,
+    retry: config::RetryConfig,
+    /// Limits how many agents of a process train at once (simulation mode).
+    train_gate: Option<Arc<Semaphore>>,
+    name: String,
+}
+
+fn permanent(code: Code) -> bool {
+    matches!(
+        code,
+        Code::PermissionDenied | Code::Unauthenticated | Code::Unimplemented
+    )
+}
+
+impl Agent {
+    /// An agent for `shard` (already read and sampled).
+    pub fn new(config: &AgentConfig, shard: Vec<String>) -> Result<Self, String> {
+        config.validate()?;
+        let tls = config.tls.as_ref().map(|t| fedmicse_wire::TlsFiles {
+            ca: t.ca.clone(),
+            cert: t.cert.clone(),
+            key: t.key.clone(),
+        });
+        let device = parse_device(&config.device).map_err(|e| e.to_string())?;
+        Ok(Agent {
+            name: config
+                .plaintext_client_id
+                .clone()
+                .or_else(|| {
+                    tls.as_ref()
+                        .and_then(|t| t.cert.file_stem())
+                        .map(|s| s.to_string_lossy().into_owned())
+                })
+                .unwrap_or_else(|| "agent".into()),
+            target: Target {
+                url: config.coordinator.clone(),
+                tls,
+                domain: config.domain(),
+                plaintext_client_id: config.plaintext_client_id.clone(),
+            },
+            shard: Arc::new(shard),
+            device,
+            retry: config.retry.clone(),
+            train_gate: None,
+        })
+    }
+
+    pub fn with_train_gate(mut self, gate: Arc<Semaphore>) -> Self {
+        self.train_gate = Some(gate);
+        self
+    }
+
+    /// Runs until the federation is done, `stop` is set, or a permanent error (refused
+    /// identity) occurs.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<AgentReport, String> {
+        let mut conn = Connection::new(&self.target)?;
+        let mut report = AgentReport {
+            client_id: self.name.clone(),
+            ..Default::default()
+        };
+        let mut backoff = Duration::from_millis(self.retry.initial_ms);
+        let max_backoff = Duration::from_millis(self.retry.max_ms);
+        let mut pending: Option<Pending> = None;
+        loop {
+            if *stop.borrow() {
+                return Ok(report);
+            }
+            let wait = match conn.join(self.shard.len() as u64).await {
+                Err(status) if permanent(status.code()) => {
+                    return Err(format!("coordinator refused us: {}", status.message()));
+                }
+                Err(status) => {
+                    tracing::warn!(agent = %self.name, error = %status.message(), retry_in_ms = backoff.as_millis() as u64, "coordinator unreachable");
+                    let w = backoff;
+                    backoff = (backoff * 2).min(max_backoff);
+                    w
+                }
+                Ok(resp) => {
+                    backoff = Duration::from_millis(self.retry.initial_ms);
+                    report.client_id = resp.client_id.clone();
+                    match pb::Phase::try_from(resp.phase).unwrap_or(pb::Phase::Unspecified) {
+                        pb::Phase::Done => {
+                            tracing::info!(agent = %report.client_id, rounds = ?report.rounds_trained, "federation finished");
+                            return Ok(report);
+                        }
+                        pb::Phase::Training if resp.selected => {
+                            if let Err(e) = self
+                                .round(&mut conn, &resp, &mut pending, &mut report)
+                                .await
+                            {
+                                if let Some(code) = e.1
+                                    && permanent(code)
+                                {
+                                    return Err(e.0);
+                                }
+                                tracing::warn!(agent = %report.client_id, round = resp.round, error = %e.0, "round failed; will retry while it is open");
+                                backoff
+                            } else {
+                                Duration::ZERO
+                            }
+                        }
+                        _ => Duration::from_millis(resp.poll_after_ms.max(50) as u64),
+                    }
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+
+    /// One selected round: pull, train (or reuse a pending update for the same model), submit.
+    async fn round(
+        &self,
+        conn: &mut Connection,
+        resp: &pb::JoinResponse,
+        pending: &mut Option<Pending>,
+        report: &mut AgentReport,
+    ) -> Result<(), (String, Option<Code>)> {
+        let status_err = |s: tonic::Status| (s.message().to_string(), Some(s.code()));
+        let task: TaskConfig = resp
+            .task
+            .as_ref()
+            .ok_or_else(|| ("selected without a task".to_string(), None))?
+            .into();
+        let reusable = pending
+            .as_ref()
+            .is_some_and(|p| p.round == resp.round && p.model_digest == resp.model_digest);
+        if !reusable {
+            let pulled = conn.pull(resp.round).await.map_err(status_err)?;
+            report.bytes_down += pulled.bytes;
+            tracing::info!(agent = %report.client_id, round = resp.round, bytes = pulled.bytes, "pulled the global model");
+            let seed = round_seed(task.seed, &report.client_id, resp.round);
+            let shard = self.shard.clone();
+            let device = self.device.clone();
+            let gate = self.train_gate.clone();
+            let task2 = task.clone();
+            let _permit = match &gate {
+                Some(g) => Some(
+                    g.clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(|e| (e.to_string(), None))?,
+                ),
+                None => None,
+            };
+            let (delta, metrics) = tokio::task::spawn_blocking(move || {
+                train_round(pulled, &shard, &task2, seed, &device)
+            })
+            .await
+            .map_err(|e| (e.to_string(), None))?
+            .map_err(|e| (e, None))?;
+            tracing::info!(agent = %report.client_id, round = resp.round, steps = metrics.steps, mean_loss = metrics.mean_loss, seconds = format!("{:.1}", metrics.seconds), "trained locally");
+            *pending = Some(Pending {
+                round: resp.round,
+                model_digest: resp.model_digest.clone(),
+                num_samples: self.shard.len() as u64,
+                metrics,
+                delta: Arc::new(delta),
+            });
+        }
+        let p = pending.as_ref().expect("pending update");
+        let bytes = fedmicse_wire::tensors::total_bytes(&p.delta);
+        let r = conn
+            .submit(p.round, p.num_samples, p.metrics, p.delta.clone())
+            .await
+            .map_err(status_err)?;
+        report.bytes_up += bytes;
+        report.rounds_trained.push(p.round);
+        tracing::info!(agent = %report.client_id, round = p.round, bytes, message = %r.message, "update sent");
+        *pending = None;
+        Ok(())
+    }
+}
+
+/// Distinct seeds per agent and round (dropout masks, AMI samples, batch order).
+fn round_seed(base: u64, id: &str, round: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    base ^ h ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Builds the pulled model, trains it on the shard and returns the delta of the trainable
+/// tensors.
+fn train_round(
+    pulled: PulledModel,
+    shard: &[String],
+    task: &TaskConfig,
+    seed: u64,
+    device: &fedmicse_encoder::burn::tensor::Device,
+) -> Result<(TensorMap, LocalMetrics), String> {
+    let global = pulled.tensors;
+    let names = trainable_names(&global, &task.trainable);
+    let encoder_tensors: TensorMap = global
+        .iter()
+        .filter(|(n, _)| !n.starts_with("mlp."))
+        .map(|(n, t)| (n.clone(), t.clone()))
+        .collect();
+    let head_tensors: TensorMap = global
+        .iter()
+        .filter(|(n, _)| n.starts_with("mlp."))
+        .map(|(n, t)| (n.clone(), t.clone()))
+        .collect();
+    let encoder =
+        Encoder::from_memory(pulled.files, encoder_tensors, device).map_err(|e| e.to_string())?;
+    let head = MlpHead::from_tensors(&head_tensors, encoder.config.hidden_size, device)
+        .map_err(|e| e.to_string())?;
+    let (trained, metrics) = local::train_locally(&encoder, head, shard, task, seed)?;
+    Ok((delta(&trained, &global, &names), metrics))
+}

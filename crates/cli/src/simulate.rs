@@ -1,0 +1,484 @@
+//! `fedmicse simulate`: a coordinator and N agents in one process, over real gRPC and
+//! mutual TLS on 127.0.0.1, each agent with its own shard of a sentence file.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use fedmicse_agent::{Agent, AgentConfig};
+use fedmicse_coordinator::config::{
+    EvalConfig, FederationConfig, InferenceConfig, ServerConfig, TlsConfig,
+};
+use fedmicse_coordinator::{Coordinator, CoordinatorConfig, RoundRecord};
+use fedmicse_encoder::{EmbedOptions, Encoder, Pooling, parse_device};
+use fedmicse_federation::partition::{self, Partition};
+use fedmicse_federation::{TaskConfig, UpdateRules};
+use fedmicse_plot::{Panel, Series, line_panels};
+use fedmicse_training::data::{read_sentences, sample};
+use fedmicse_wire::certs;
+use serde::{Deserialize, Serialize};
+
+use crate::fed::{runtime, shutdown_signal};
+
+/// `simulate.toml`. Paths are relative to the file's directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulateConfig {
+    /// Starting checkpoint (HuggingFace BERT directory).
+    pub model: PathBuf,
+    /// Sentences to spread over the agents, one per line.
+    pub data: PathBuf,
+    /// Draw this many sentences from `data` first (0 = all).
+    #[serde(default)]
+    pub sample: usize,
+    #[serde(default = "d_clients")]
+    pub clients: usize,
+    #[serde(default = "d_rounds")]
+    pub rounds: u64,
+    /// "iid" or "dirichlet:ALPHA" (non-IID over k-means clusters of the sentences).
+    #[serde(default = "d_partition")]
+    pub partition: String,
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    /// rounds.json, rounds.png, global/ (the final model), coordinator/ (its state), certs/.
+    pub output: PathBuf,
+    /// Agents training at the same time (each uses every core; 1 suits small machines).
+    #[serde(default = "d_one")]
+    pub max_concurrent_training: usize,
+    #[serde(default = "d_device")]
+    pub device: String,
+    #[serde(default)]
+    pub federation: SimFederation,
+    #[serde(default)]
+    pub task: TaskConfig,
+    #[serde(default)]
+    pub eval: EvalConfig,
+    #[serde(default)]
+    pub updates: UpdateRules,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimFederation {
+    /// Updates needed to commit a round [default: all clients].
+    pub min_clients: Option<usize>,
+    pub fraction: f64,
+    pub server_lr: f64,
+    pub round_deadline_secs: u64,
+}
+
+impl Default for SimFederation {
+    fn default() -> Self {
+        SimFederation {
+            min_clients: None,
+            fraction: 1.0,
+            server_lr: 1.0,
+            round_deadline_secs: 3600,
+        }
+    }
+}
+
+fn d_clients() -> usize {
+    3
+}
+fn d_rounds() -> u64 {
+    3
+}
+fn d_partition() -> String {
+    "iid".into()
+}
+fn d_seed() -> u64 {
+    48
+}
+fn d_one() -> usize {
+    1
+}
+fn d_device() -> String {
+    "cpu".into()
+}
+
+#[derive(Args, Debug)]
+pub struct SimulateCmd {
+    /// Simulation configuration (commented example: configs/simulate.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Starting checkpoint [overrides `model`].
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Number of agents [overrides `clients`].
+    #[arg(long)]
+    pub clients: Option<usize>,
+    /// Federation rounds [overrides `rounds`].
+    #[arg(long)]
+    pub rounds: Option<u64>,
+    /// Sentences drawn from the data file [overrides `sample`].
+    #[arg(long)]
+    pub sample: Option<usize>,
+    /// iid or dirichlet:ALPHA [overrides `partition`].
+    #[arg(long)]
+    pub partition: Option<String>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Output directory [overrides `output`].
+    #[arg(long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+}
+
+impl SimulateConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut c: SimulateConfig =
+            toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut c.model, &mut c.data, &mut c.output] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Some(d) = &mut c.eval.dev_file
+            && d.is_relative()
+        {
+            *d = base.join(&*d);
+        }
+        Ok(c)
+    }
+}
+
+pub fn table_header() -> String {
+    format!(
+        "{:>5} {:>7} {:>10} {:>9} {:>10} {:>10} {:>8}",
+        "round", "clients", "mean_loss", "stsb_dev", "bytes_up", "bytes_down", "seconds"
+    )
+}
+
+fn human(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.2}G", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1}M", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1}K", b as f64 / 1024.0),
+        b => format!("{b}"),
+    }
+}
+
+pub fn table_row(
+    round: u64,
+    clients: u32,
+    mean_loss: Option<f64>,
+    dev: Option<f64>,
+    up: u64,
+    down: u64,
+    seconds: f64,
+) -> String {
+    let opt = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |x| format!("{x:.p$}"));
+    format!(
+        "{:>5} {:>7} {:>10} {:>9} {:>10} {:>10} {:>8.1}",
+        round,
+        clients,
+        opt(mean_loss, 4),
+        opt(dev, 2),
+        human(up),
+        human(down),
+        seconds
+    )
+}
+
+fn row(r: &RoundRecord) -> String {
+    table_row(
+        r.round,
+        r.clients,
+        r.mean_loss,
+        r.stsb_dev,
+        r.bytes_up,
+        r.bytes_down,
+        r.seconds,
+    )
+}
+
+/// Splits sentences over clients. Non-IID clusters by k-means on the starting model's
+/// sentence embeddings (topics), then spreads each cluster with Dirichlet proportions.
+fn make_shards(
+    sentences: &[String],
+    clients: usize,
+    how: Partition,
+    seed: u64,
+    model: &Path,
+    device: &str,
+) -> Result<Vec<Vec<String>>> {
+    let idx = match how {
+        Partition::Iid => partition::iid(sentences.len(), clients, seed),
+        Partition::Dirichlet(alpha) => {
+            let device = parse_device(device)?;
+            let enc = Encoder::load(model, &device)?;
+            let refs: Vec<&str> = sentences.iter().map(String::as_str).collect();
+            let opts = EmbedOptions {
+                pooling: Pooling::Mean,
+                normalize: true,
+                max_len: Some(32),
+                batch_size: 64,
+            };
+            let vectors = enc.embed(&refs, &opts)?;
+            let k = (sentences.len() / 25).clamp(2, 10);
+            let labels = partition::kmeans(&vectors, k, seed, 50);
+            partition::dirichlet(&labels, clients, alpha, seed, 2)
+        }
+    };
+    Ok(idx
+        .into_iter()
+        .map(|s| s.into_iter().map(|i| sentences[i].clone()).collect())
+        .collect())
+}
+
+pub fn run_simulate(cmd: SimulateCmd) -> Result<()> {
+    let mut c = SimulateConfig::from_file(&cmd.config)?;
+    if let Some(m) = cmd.model {
+        c.model = m;
+    }
+    if let Some(n) = cmd.clients {
+        c.clients = n;
+    }
+    if let Some(r) = cmd.rounds {
+        c.rounds = r;
+    }
+    if let Some(s) = cmd.sample {
+        c.sample = s;
+    }
+    if let Some(p) = cmd.partition {
+        c.partition = p;
+    }
+    if let Some(s) = cmd.seed {
+        c.seed = s;
+    }
+    if let Some(o) = cmd.output {
+        c.output = o;
+    }
+    if c.clients == 0 {
+        bail!("clients must be at least 1");
+    }
+    if c.max_concurrent_training == 0 {
+        bail!("max_concurrent_training must be at least 1");
+    }
+    let how: Partition = c.partition.parse().map_err(anyhow::Error::msg)?;
+    fedmicse_encoder::encoder::model_dir(&c.model)?;
+
+    let mut sentences = read_sentences(&c.data)?;
+    if c.sample > 0 {
+        sentences = sample(&sentences, c.sample, c.seed);
+    }
+    let shards = make_shards(&sentences, c.clients, how, c.seed, &c.model, &c.device)?;
+    if let Some((i, s)) = shards.iter().enumerate().find(|(_, s)| s.len() < 2) {
+        bail!(
+            "agent {} would get {} sentence(s): use more sentences or fewer clients",
+            i + 1,
+            s.len()
+        );
+    }
+    let sizes: Vec<usize> = shards.iter().map(Vec::len).collect();
+    eprintln!(
+        "simulating {} agents × {} rounds on {} sentences ({}: shards {:?}), model {}",
+        c.clients,
+        c.rounds,
+        sentences.len(),
+        how,
+        sizes,
+        c.model.display()
+    );
+
+    let out = c.output.clone();
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    // A simulation starts from scratch: throw away state and certificates of a previous run.
+    let state_dir = out.join("coordinator");
+    let certs_dir = out.join("certs");
+    for d in [&state_dir, &certs_dir] {
+        if d.exists() {
+            std::fs::remove_dir_all(d).with_context(|| format!("removing {}", d.display()))?;
+        }
+    }
+    certs::init(&certs_dir, &[], 7)?;
+    let ids: Vec<String> = (1..=c.clients).map(|i| format!("agent-{i}")).collect();
+    for id in &ids {
+        certs::issue(&certs_dir, id, &certs_dir, 7)?;
+    }
+
+    let coordinator_config = CoordinatorConfig {
+        server: ServerConfig {
+            listen: "127.0.0.1:0".parse().expect("address"),
+            allow_plaintext: false,
+        },
+        tls: Some(TlsConfig {
+            ca: certs_dir.join("ca.pem"),
+            cert: certs_dir.join("coordinator.pem"),
+            key: certs_dir.join("coordinator.key"),
+        }),
+        federation: FederationConfig {
+            model: c.model.clone(),
+            state_dir: state_dir.clone(),
+            allowlist: ids.clone(),
+            operators: Vec::new(),
+            rounds: c.rounds,
+            min_clients: c.federation.min_clients.unwrap_or(c.clients).min(c.clients),
+            fraction: c.federation.fraction,
+            round_deadline_secs: c.federation.round_deadline_secs,
+            server_lr: c.federation.server_lr,
+            agent_timeout_secs: 120,
+            poll_ms: 200,
+            keep_checkpoints: (c.rounds as usize + 1).max(1),
+            seed: c.seed,
+            device: c.device.clone(),
+            max_concurrent_uploads: 4,
+        },
+        updates: c.updates.clone(),
+        task: c.task.clone(),
+        eval: c.eval.clone(),
+        inference: InferenceConfig::default(),
+    };
+    coordinator_config.validate().map_err(anyhow::Error::msg)?;
+
+    let rt = runtime()?;
+    let history = rt.block_on(async {
+        let coordinator = tokio::task::spawn_blocking(move || Coordinator::new(coordinator_config))
+            .await?
+            .map_err(anyhow::Error::msg)?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let running = coordinator.serve(listener).await.map_err(anyhow::Error::msg)?;
+        let port = running.addr.port();
+        let gate = Arc::new(tokio::sync::Semaphore::new(c.max_concurrent_training));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut agents = Vec::new();
+        for (id, shard) in ids.iter().zip(shards) {
+            let cfg = AgentConfig {
+                coordinator: format!("https://127.0.0.1:{port}"),
+                server_name: Some("localhost".into()),
+                tls: Some(fedmicse_agent::config::TlsPaths {
+                    ca: certs_dir.join("ca.pem"),
+                    cert: certs_dir.join(format!("{id}.pem")),
+                    key: certs_dir.join(format!("{id}.key")),
+                }),
+                plaintext_client_id: None,
+                data: fedmicse_agent::config::DataConfig {
+                    file: PathBuf::from("(in memory)"),
+                    sample: None,
+                    seed: c.seed,
+                },
+                device: c.device.clone(),
+                retry: Default::default(),
+            };
+            let agent = Agent::new(&cfg, shard).map_err(anyhow::Error::msg)?.with_train_gate(gate.clone());
+            agents.push(tokio::spawn(agent.run(stop_rx.clone())));
+        }
+
+        println!("{}", table_header());
+        let mut printed = 0;
+        let mut print_new = |history: &[RoundRecord]| {
+            for r in &history[printed.min(history.len())..] {
+                println!("{}", row(r));
+            }
+            printed = history.len();
+        };
+        let interrupted = loop {
+            tokio::select! {
+                _ = running.wait_done() => break false,
+                _ = shutdown_signal() => break true,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => print_new(&running.history()),
+            }
+        };
+        print_new(&running.history());
+        let _ = stop_tx.send(true);
+        for a in agents {
+            match tokio::time::timeout(Duration::from_secs(30), a).await {
+                Ok(Ok(Ok(report))) => tracing::debug!(agent = %report.client_id, up = report.bytes_up, down = report.bytes_down, "agent done"),
+                Ok(Ok(Err(e))) => tracing::error!(error = %e, "agent failed"),
+                Ok(Err(e)) => tracing::error!(error = %e, "agent task panicked"),
+                Err(_) => tracing::warn!("agent did not stop in time"),
+            }
+        }
+        let history = running.history();
+        let last = running.checkpoint_dir(history.last().map_or(0, |r| r.round));
+        running.shutdown().await;
+        if interrupted {
+            bail!("interrupted");
+        }
+        anyhow::Ok((history, last))
+    })?;
+    let (history, last_dir) = history;
+
+    let json = serde_json::to_string_pretty(
+        &history
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "round": r.round, "clients": r.clients, "mean_loss": r.mean_loss,
+                    "stsb_dev": r.stsb_dev, "bytes_up": r.bytes_up, "bytes_down": r.bytes_down,
+                    "seconds": r.seconds,
+                })
+            })
+            .collect::<Vec<_>>(),
+    )?;
+    std::fs::write(out.join("rounds.json"), json)?;
+    plot_rounds(&out.join("rounds.png"), &history)?;
+    let global = out.join("global");
+    if global.exists() {
+        std::fs::remove_dir_all(&global)?;
+    }
+    std::fs::create_dir_all(&global)?;
+    for entry in std::fs::read_dir(&last_dir)? {
+        let p = entry?.path();
+        std::fs::copy(&p, global.join(p.file_name().expect("file name")))?;
+    }
+    if let (Some(first), Some(last)) = (history.first(), history.last())
+        && let (Some(a), Some(b)) = (first.stsb_dev, last.stsb_dev)
+    {
+        eprintln!(
+            "STS dev Spearman: {a:.2} before, {b:.2} after {} rounds",
+            last.round
+        );
+    }
+    eprintln!(
+        "wrote {0}/rounds.json, {0}/rounds.png and the final model {0}/global/",
+        out.display()
+    );
+    Ok(())
+}
+
+/// STS dev, mean local loss and traffic per round.
+pub fn plot_rounds(path: &Path, history: &[RoundRecord]) -> Result<()> {
+    let pts = |f: &dyn Fn(&RoundRecord) -> Option<f64>| -> Vec<(f64, f64)> {
+        history
+            .iter()
+            .filter_map(|r| f(r).map(|v| (r.round as f64, v)))
+            .collect()
+    };
+    let mb = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let panels = vec![
+        Panel {
+            title: "Global model: STS dev Spearman ×100".into(),
+            x_label: "round".into(),
+            y_label: "Spearman".into(),
+            series: vec![Series::marked("dev", pts(&|r| r.stsb_dev))],
+        },
+        Panel {
+            title: "Mean local training loss".into(),
+            x_label: "round".into(),
+            y_label: "loss".into(),
+            series: vec![Series::marked("loss", pts(&|r| r.mean_loss))],
+        },
+        Panel {
+            title: "Traffic per round".into(),
+            x_label: "round".into(),
+            y_label: "MiB".into(),
+            series: vec![
+                Series::marked(
+                    "up (deltas)",
+                    pts(&|r| (r.round > 0).then(|| mb(r.bytes_up))),
+                ),
+                Series::marked(
+                    "down (models)",
+                    pts(&|r| (r.round > 0).then(|| mb(r.bytes_down))),
+                ),
+            ],
+        },
+    ];
+    line_panels(path, "fedmicse federation", &panels, 900).map_err(anyhow::Error::msg)
+}

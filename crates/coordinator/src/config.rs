@@ -1,0 +1,286 @@
+//! `coordinator.toml`: every field has a default or a clear error; unknown fields are errors.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use fedmicse_federation::{TaskConfig, UpdateRules};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Required unless `server.allow_plaintext` is true.
+    pub tls: Option<TlsConfig>,
+    pub federation: FederationConfig,
+    #[serde(default)]
+    pub updates: UpdateRules,
+    #[serde(default)]
+    pub task: TaskConfig,
+    #[serde(default)]
+    pub eval: EvalConfig,
+    #[serde(default)]
+    pub inference: InferenceConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the gRPC server listens on.
+    pub listen: SocketAddr,
+    /// Accept plaintext connections without client certificates. Local experiments only:
+    /// anyone who can reach the port can then join as any client id.
+    pub allow_plaintext: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "0.0.0.0:7443".parse().expect("address"),
+            allow_plaintext: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The federation CA that signs agent certificates.
+    pub ca: PathBuf,
+    /// The coordinator's certificate and key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationConfig {
+    /// Starting checkpoint (HuggingFace BERT directory).
+    pub model: PathBuf,
+    /// Checkpoints, round log and state; a restart resumes from here.
+    pub state_dir: PathBuf,
+    /// Client ids (certificate common names) allowed to join as agents.
+    #[serde(default)]
+    pub allowlist: Vec<String>,
+    /// Client ids allowed only to read status and call inference (operators, services).
+    #[serde(default)]
+    pub operators: Vec<String>,
+    #[serde(default = "d_rounds")]
+    pub rounds: u64,
+    /// Updates needed to commit a round.
+    #[serde(default = "d_min_clients")]
+    pub min_clients: usize,
+    /// Share of the connected agents selected each round (at least `min_clients`).
+    #[serde(default = "d_fraction")]
+    pub fraction: f64,
+    /// Seconds a round waits for updates.
+    #[serde(default = "d_deadline")]
+    pub round_deadline_secs: u64,
+    /// Server learning rate η in W ← W + η·mean(Δ); 1 is plain FedAvg.
+    #[serde(default = "d_one")]
+    pub server_lr: f64,
+    /// An agent not heard from for this long is not selected.
+    #[serde(default = "d_agent_timeout")]
+    pub agent_timeout_secs: u64,
+    /// How often agents are told to poll while waiting (milliseconds).
+    #[serde(default = "d_poll")]
+    pub poll_ms: u32,
+    /// Round checkpoints kept (older ones are deleted; the newest is always kept).
+    #[serde(default = "d_keep")]
+    pub keep_checkpoints: usize,
+    /// Seeds agent selection and the training head's initialisation.
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    /// Device for evaluation and inference: cpu, cuda, cuda:N.
+    #[serde(default = "d_device")]
+    pub device: String,
+    /// Updates received at once (each is held in memory until checked).
+    #[serde(default = "d_uploads")]
+    pub max_concurrent_uploads: usize,
+}
+
+fn d_rounds() -> u64 {
+    10
+}
+fn d_min_clients() -> usize {
+    2
+}
+fn d_fraction() -> f64 {
+    1.0
+}
+fn d_deadline() -> u64 {
+    3600
+}
+fn d_one() -> f64 {
+    1.0
+}
+fn d_agent_timeout() -> u64 {
+    120
+}
+fn d_poll() -> u32 {
+    1000
+}
+fn d_keep() -> usize {
+    5
+}
+fn d_seed() -> u64 {
+    48
+}
+fn d_device() -> String {
+    "cpu".into()
+}
+fn d_uploads() -> usize {
+    4
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// STS dev file (score<TAB>s1<TAB>s2) evaluated after every round; none = no evaluation.
+    pub dev_file: Option<PathBuf>,
+    /// Use only the first N pairs (0 = all).
+    pub max_pairs: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferenceConfig {
+    /// Serve Embed/Similarity from the newest global model.
+    pub enabled: bool,
+    /// Sentences per request.
+    pub max_sentences: usize,
+    /// Bytes per sentence.
+    pub max_sentence_bytes: usize,
+    /// Tokens per sentence (longer ones are truncated).
+    pub max_len: usize,
+    /// Requests computed at once; the rest queue.
+    pub max_concurrent: usize,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        InferenceConfig {
+            enabled: true,
+            max_sentences: 256,
+            max_sentence_bytes: 16 * 1024,
+            max_len: 128,
+            max_concurrent: 2,
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    /// Reads and checks a TOML file; errors name the file and the field.
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut config: CoordinatorConfig =
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config
+            .validate()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Relative paths in a config file are relative to the file's directory.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.federation.model);
+        fix(&mut self.federation.state_dir);
+        if let Some(t) = &mut self.tls {
+            fix(&mut t.ca);
+            fix(&mut t.cert);
+            fix(&mut t.key);
+        }
+        if let Some(d) = &mut self.eval.dev_file {
+            fix(d);
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let f = &self.federation;
+        if self.tls.is_none() && !self.server.allow_plaintext {
+            return Err("[tls] is missing: mutual TLS is required (set server.allow_plaintext = true only for local experiments)".into());
+        }
+        if self.tls.is_some() && f.allowlist.is_empty() {
+            return Err("federation.allowlist is empty: list the client ids (certificate names) allowed to join".into());
+        }
+        if f.rounds == 0 {
+            return Err("federation.rounds must be at least 1".into());
+        }
+        if f.min_clients == 0 {
+            return Err("federation.min_clients must be at least 1".into());
+        }
+        if !(f.fraction > 0.0 && f.fraction <= 1.0) {
+            return Err(format!(
+                "federation.fraction {} must be in (0, 1]",
+                f.fraction
+            ));
+        }
+        if !(f.server_lr > 0.0 && f.server_lr.is_finite()) {
+            return Err(format!(
+                "federation.server_lr {} must be positive",
+                f.server_lr
+            ));
+        }
+        if f.round_deadline_secs == 0 {
+            return Err("federation.round_deadline_secs must be positive".into());
+        }
+        if f.max_concurrent_uploads == 0 {
+            return Err("federation.max_concurrent_uploads must be at least 1".into());
+        }
+        if let Some(m) = self.updates.max_norm
+            && !(m > 0.0)
+        {
+            return Err(format!("updates.max_norm {m} must be positive"));
+        }
+        if self.inference.max_sentences == 0 || self.inference.max_len < 3 {
+            return Err("inference.max_sentences must be ≥ 1 and inference.max_len ≥ 3".into());
+        }
+        self.task.validate()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[tls]
+ca = "c/ca.pem"
+cert = "c/coordinator.pem"
+key = "c/coordinator.key"
+[federation]
+model = "m"
+state_dir = "s"
+allowlist = ["a"]
+"#;
+
+    #[test]
+    fn parses_minimal_and_rejects_unknown_fields() {
+        let c: CoordinatorConfig = toml::from_str(MINIMAL).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.federation.rounds, 10);
+        let err = toml::from_str::<CoordinatorConfig>(&MINIMAL.replace("allowlist", "alowlist"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("alowlist"), "{err}");
+        let err =
+            toml::from_str::<CoordinatorConfig>(&format!("{MINIMAL}\n[task]\nbatchsize = 3\n"))
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("batchsize"), "{err}");
+        let mut c2 = c.clone();
+        c2.tls = None;
+        assert!(c2.validate().unwrap_err().contains("mutual TLS"));
+        c2.server.allow_plaintext = true;
+        c2.validate().unwrap();
+    }
+}

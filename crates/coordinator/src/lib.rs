@@ -1,0 +1,437 @@
+//! The coordinator daemon: runs federation rounds over mutual-TLS gRPC, aggregates
+//! agents' weight deltas with FedAvg, commits a HuggingFace checkpoint after every round,
+//! evaluates it on an STS dev file and serves embeddings from the newest global model.
+
+pub mod config;
+mod inference;
+pub mod rounds;
+mod service;
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use fedmicse_encoder::{Encoder, parse_device};
+use fedmicse_federation::{apply_step, trainable_names};
+use fedmicse_training::run::DevSet;
+use fedmicse_wire::pb::federation_server::FederationServer;
+use fedmicse_wire::pb::inference_server::InferenceServer;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore, watch};
+
+pub use config::CoordinatorConfig;
+use rounds::{OpenRound, Phase, State};
+pub use store::{GlobalModel, RoundRecord, Store};
+
+/// What handlers and the round driver share.
+pub(crate) struct Shared {
+    config: CoordinatorConfig,
+    store: Store,
+    /// The base model's encoder: tokenizer and config for building inference encoders.
+    template: Encoder,
+    dev: Option<DevSet>,
+    state: std::sync::Mutex<State>,
+    global: ArcSwap<GlobalModel>,
+    /// The newest global model as an encoder, with its round (None until first built).
+    serving: ArcSwap<Option<(u64, Arc<Encoder>)>>,
+    wake: Notify,
+    uploads: Semaphore,
+    inference_permits: Semaphore,
+    done_tx: watch::Sender<bool>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A coordinator ready to serve.
+pub struct Coordinator {
+    shared: Arc<Shared>,
+}
+
+/// A serving coordinator.
+pub struct Running {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+impl Coordinator {
+    /// Loads the base model and the store (resuming from the last commit if there is one).
+    /// Blocking: call from a blocking context.
+    pub fn new(config: CoordinatorConfig) -> Result<Self, String> {
+        config.validate()?;
+        let device = parse_device(&config.federation.device).map_err(|e| e.to_string())?;
+        let template = Encoder::load(&config.federation.model, &device)
+            .map_err(|e| format!("model {}: {e}", config.federation.model.display()))?;
+        let store = Store::open(
+            &config.federation.state_dir,
+            config.federation.keep_checkpoints,
+        )?;
+        let dev = match &config.eval.dev_file {
+            Some(p) => {
+                let mut d = DevSet::load(p).map_err(|e| format!("eval.dev_file: {e}"))?;
+                if config.eval.max_pairs > 0 {
+                    d.pairs.truncate(config.eval.max_pairs);
+                }
+                Some(d)
+            }
+            None => None,
+        };
+        let (global, history, fresh) = match store.load()? {
+            Some((model, history)) => {
+                tracing::info!(
+                    round = model.round,
+                    "resuming from the last committed round"
+                );
+                (model, history, false)
+            }
+            None => {
+                let mut tensors = template.tensors().map_err(|e| e.to_string())?;
+                let head_dir = &config.federation.model;
+                let head_file = head_dir.join("training_head.safetensors");
+                if head_file.is_file() {
+                    tensors.extend(
+                        fedmicse_encoder::weights::read_safetensors_map(&head_file)
+                            .map_err(|e| e.to_string())?,
+                    );
+                } else {
+                    tensors.extend(store::seeded_head(
+                        template.config.hidden_size,
+                        config.federation.seed,
+                    ));
+                }
+                let files = template.files().map_err(|e| e.to_string())?;
+                (GlobalModel::new(0, tensors, files), Vec::new(), true)
+            }
+        };
+        // Fail now, not at the first round, if the task does not fit the model.
+        let names = trainable_names(&global.tensors, &config.task.trainable);
+        if names.is_empty() {
+            return Err(format!(
+                "task.trainable {:?} matches no tensor of the model",
+                config.task.trainable
+            ));
+        }
+        let next = global.round + 1;
+        let phase = if global.round >= config.federation.rounds {
+            Phase::Done
+        } else {
+            Phase::Waiting { next }
+        };
+        let (done_tx, _) = watch::channel(matches!(phase, Phase::Done));
+        let shared = Arc::new(Shared {
+            uploads: Semaphore::new(config.federation.max_concurrent_uploads),
+            inference_permits: Semaphore::new(config.inference.max_concurrent.max(1)),
+            state: std::sync::Mutex::new(State {
+                phase,
+                agents: HashMap::new(),
+                history,
+                refused_total: BTreeMap::new(),
+                abandoned_rounds: 0,
+            }),
+            global: ArcSwap::from_pointee(global),
+            serving: ArcSwap::from_pointee(None),
+            wake: Notify::new(),
+            done_tx,
+            store,
+            template,
+            dev,
+            config,
+        });
+        // Serve (and evaluate) the current model; round 0 is committed on a fresh start so a
+        // restart before the first round finds it.
+        let global = shared.global.load_full();
+        let encoder = Arc::new(
+            shared
+                .template
+                .with_tensors(global.encoder_tensors())
+                .map_err(|e| e.to_string())?,
+        );
+        if fresh {
+            let stsb_dev = evaluate(&shared, &encoder);
+            let record = RoundRecord {
+                round: 0,
+                clients: 0,
+                mean_loss: None,
+                stsb_dev,
+                bytes_up: 0,
+                bytes_down: 0,
+                seconds: 0.0,
+                refused: BTreeMap::new(),
+            };
+            shared.store.commit(&global, &record, &[])?;
+            shared.lock().history.push(record);
+        }
+        shared
+            .serving
+            .store(Arc::new(Some((global.round, encoder))));
+        Ok(Coordinator { shared })
+    }
+
+    /// Serves on `listener` until [`Running::shutdown`].
+    pub async fn serve(self, listener: TcpListener) -> Result<Running, String> {
+        let shared = self.shared;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let mut builder = tonic::transport::Server::builder()
+            // Long local training leaves connections idle: keep them alive.
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .tcp_keepalive(Some(Duration::from_secs(60)));
+        if let Some(tls) = &shared.config.tls {
+            let files = fedmicse_wire::TlsFiles {
+                ca: tls.ca.clone(),
+                cert: tls.cert.clone(),
+                key: tls.key.clone(),
+            };
+            builder = builder
+                .tls_config(files.server_config().map_err(|e| e.to_string())?)
+                .map_err(|e| format!("TLS: {e}"))?;
+        } else {
+            tracing::warn!(
+                "serving PLAINTEXT without client certificates (server.allow_plaintext): local experiments only"
+            );
+        }
+        let federation = FederationServer::new(service::FederationService::new(shared.clone()))
+            .max_decoding_message_size(fedmicse_wire::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(fedmicse_wire::MAX_MESSAGE_BYTES);
+        let inference = InferenceServer::new(inference::InferenceService::new(shared.clone()))
+            .max_decoding_message_size(fedmicse_wire::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(64 << 20);
+        let (stop, mut stop_rx) = watch::channel(false);
+        let mut stop_rx2 = stop.subscribe();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let router = builder.add_service(federation).add_service(inference);
+        let server = tokio::spawn(async move {
+            router
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop_rx.wait_for(|s| *s).await;
+                })
+                .await
+        });
+        let driver_shared = shared.clone();
+        let driver = tokio::spawn(async move {
+            tokio::select! {
+                _ = drive(driver_shared) => {}
+                _ = stop_rx2.wait_for(|s| *s) => {}
+            }
+        });
+        tracing::info!(%addr, tls = shared.config.tls.is_some(), "coordinator listening");
+        Ok(Running {
+            addr,
+            shared,
+            stop,
+            server,
+            driver,
+        })
+    }
+}
+
+impl Running {
+    /// Resolves when every round is committed.
+    pub async fn wait_done(&self) {
+        let mut rx = self.shared.done_tx.subscribe();
+        let _ = rx.wait_for(|d| *d).await;
+    }
+
+    /// The round log so far (round 0 is the starting model).
+    pub fn history(&self) -> Vec<RoundRecord> {
+        self.shared.lock().history.clone()
+    }
+
+    /// The newest committed global model.
+    pub fn global(&self) -> Arc<GlobalModel> {
+        self.shared.global.load_full()
+    }
+
+    /// Directory of a committed round's checkpoint.
+    pub fn checkpoint_dir(&self, round: u64) -> std::path::PathBuf {
+        self.shared.store.checkpoint_dir(round)
+    }
+
+    /// Refusals by check, since start.
+    pub fn refusals(&self) -> BTreeMap<String, u64> {
+        self.shared.lock().refused_total.clone()
+    }
+
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.driver.await;
+        match self.server.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "server stopped with an error"),
+            Err(e) => tracing::warn!(error = %e, "server task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+}
+
+/// Spearman ×100 of an encoder on the dev set, or None without one (or on failure, logged).
+fn evaluate(shared: &Shared, encoder: &Encoder) -> Option<f64> {
+    let dev = shared.dev.as_ref()?;
+    match dev.score(encoder) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, "evaluation failed");
+            None
+        }
+    }
+}
+
+enum Action {
+    Nothing,
+    Close(Box<OpenRound>),
+}
+
+/// The round driver: opens rounds when enough agents are connected, closes them when all
+/// selected agents answered or the deadline passed, and commits.
+async fn drive(shared: Arc<Shared>) {
+    let f = shared.config.federation.clone();
+    let timeout = Duration::from_secs(f.agent_timeout_secs);
+    loop {
+        let action = {
+            let mut st = shared.lock();
+            let connected = st.connected(timeout);
+            match &mut st.phase {
+                Phase::Done => return,
+                Phase::Waiting { next } if connected.len() >= f.min_clients => {
+                    let round = *next;
+                    let selected =
+                        rounds::select(&connected, f.fraction, f.min_clients, f.seed, round);
+                    let global = shared.global.load();
+                    let expected: BTreeMap<String, Vec<usize>> =
+                        trainable_names(&global.tensors, &shared.config.task.trainable)
+                            .into_iter()
+                            .map(|n| {
+                                let shape = global.tensors[&n].shape.clone();
+                                (n, shape)
+                            })
+                            .collect();
+                    let deadline = Duration::from_secs(f.round_deadline_secs);
+                    tracing::info!(round, selected = ?selected, connected = connected.len(), "round opened");
+                    st.phase = Phase::Training(Box::new(OpenRound {
+                        round,
+                        selected,
+                        submitted: BTreeMap::new(),
+                        sum: Default::default(),
+                        losses: Vec::new(),
+                        expected: Arc::new(expected),
+                        opened: Instant::now(),
+                        deadline: Instant::now() + deadline,
+                        deadline_unix_ms: unix_ms(SystemTime::now() + deadline),
+                        bytes_up: 0,
+                        bytes_down: 0,
+                        refused: BTreeMap::new(),
+                    }));
+                    Action::Nothing
+                }
+                Phase::Training(open) => {
+                    let complete = open.is_complete();
+                    let late = Instant::now() >= open.deadline;
+                    if complete || (late && open.submitted.len() >= f.min_clients) {
+                        let round = open.round;
+                        let Phase::Training(open) =
+                            std::mem::replace(&mut st.phase, Phase::Aggregating { round })
+                        else {
+                            unreachable!()
+                        };
+                        Action::Close(open)
+                    } else if late {
+                        tracing::warn!(
+                            round = open.round,
+                            answered = open.submitted.len(),
+                            min_clients = f.min_clients,
+                            "deadline passed without enough updates: round abandoned, global model unchanged; retrying"
+                        );
+                        let next = open.round;
+                        st.abandoned_rounds += 1;
+                        st.phase = Phase::Waiting { next };
+                        Action::Nothing
+                    } else {
+                        Action::Nothing
+                    }
+                }
+                _ => Action::Nothing,
+            }
+        };
+        if let Action::Close(open) = action {
+            let s = shared.clone();
+            let result = tokio::task::spawn_blocking(move || commit_round(&s, *open)).await;
+            let failed = match result {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(e) = failed {
+                // Nothing was committed: the previous global model stands. Retry the round.
+                tracing::error!(error = %e, "commit failed; the round will be retried");
+                let mut st = shared.lock();
+                if let Phase::Aggregating { round } = st.phase {
+                    st.phase = Phase::Waiting { next: round };
+                }
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+/// Aggregates a closed round, evaluates, commits and starts serving the new model.
+fn commit_round(shared: &Shared, open: OpenRound) -> Result<(), String> {
+    let started = Instant::now();
+    let global = shared.global.load_full();
+    let mut tensors = global.tensors.clone();
+    apply_step(
+        &mut tensors,
+        &open.sum.mean(),
+        shared.config.federation.server_lr,
+    );
+    let model = GlobalModel::new(open.round, tensors, global.files.clone());
+    let encoder = Arc::new(
+        shared
+            .template
+            .with_tensors(model.encoder_tensors())
+            .map_err(|e| e.to_string())?,
+    );
+    let stsb_dev = evaluate(shared, &encoder);
+    let record = open.record(stsb_dev);
+    let history = shared.lock().history.clone();
+    shared.store.commit(&model, &record, &history)?;
+    tracing::info!(
+        round = record.round,
+        clients = record.clients,
+        mean_loss = ?record.mean_loss,
+        stsb_dev = ?record.stsb_dev,
+        bytes_up = record.bytes_up,
+        bytes_down = record.bytes_down,
+        seconds = format!("{:.1}", record.seconds),
+        aggregation_seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+        "round committed"
+    );
+    let round = model.round;
+    shared.global.store(Arc::new(model));
+    shared.serving.store(Arc::new(Some((round, encoder))));
+    let mut st = shared.lock();
+    st.history.push(record);
+    if round >= shared.config.federation.rounds {
+        st.phase = Phase::Done;
+        let _ = shared.done_tx.send(true);
+        tracing::info!(rounds = round, "federation finished");
+    } else {
+        st.phase = Phase::Waiting { next: round + 1 };
+    }
+    Ok(())
+}

@@ -1,0 +1,131 @@
+//! Round bookkeeping: who is connected, who is selected, what has arrived.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fedmicse_federation::WeightedSum;
+use rand::SeedableRng;
+use rand::seq::IndexedRandom;
+
+use crate::store::RoundRecord;
+
+#[derive(Debug, Clone)]
+pub struct AgentSeen {
+    pub last_seen: Instant,
+    pub shard_size: u64,
+}
+
+/// A round accepting updates.
+pub struct OpenRound {
+    pub round: u64,
+    pub selected: BTreeSet<String>,
+    /// Digest of each accepted update, by client id (a retry with the same digest is a no-op).
+    pub submitted: BTreeMap<String, Vec<u8>>,
+    pub sum: WeightedSum,
+    /// (samples, mean local loss) of each accepted update.
+    pub losses: Vec<(u64, f64)>,
+    /// Tensor names and shapes an update must have.
+    pub expected: Arc<BTreeMap<String, Vec<usize>>>,
+    pub opened: Instant,
+    pub deadline: Instant,
+    pub deadline_unix_ms: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub refused: BTreeMap<String, u64>,
+}
+
+impl OpenRound {
+    pub fn is_complete(&self) -> bool {
+        self.selected
+            .iter()
+            .all(|id| self.submitted.contains_key(id))
+    }
+
+    pub fn record(&self, stsb_dev: Option<f64>) -> RoundRecord {
+        let n: u64 = self.losses.iter().map(|(n, _)| n).sum();
+        let mean_loss =
+            (n > 0).then(|| self.losses.iter().map(|(k, l)| *k as f64 * l).sum::<f64>() / n as f64);
+        RoundRecord {
+            round: self.round,
+            clients: self.submitted.len() as u32,
+            mean_loss,
+            stsb_dev,
+            bytes_up: self.bytes_up,
+            bytes_down: self.bytes_down,
+            seconds: self.opened.elapsed().as_secs_f64(),
+            refused: self.refused.clone(),
+        }
+    }
+}
+
+pub enum Phase {
+    /// Waiting for enough agents to open `next`.
+    Waiting {
+        next: u64,
+    },
+    Training(Box<OpenRound>),
+    Aggregating {
+        round: u64,
+    },
+    Done,
+}
+
+pub struct State {
+    pub phase: Phase,
+    pub agents: HashMap<String, AgentSeen>,
+    pub history: Vec<RoundRecord>,
+    /// Refusals by check, over the coordinator's life (for metrics).
+    pub refused_total: BTreeMap<String, u64>,
+    pub abandoned_rounds: u64,
+}
+
+impl State {
+    pub fn connected(&self, timeout: Duration) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| a.last_seen.elapsed() <= timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    pub fn refuse(&mut self, kind: &str) {
+        *self.refused_total.entry(kind.to_string()).or_default() += 1;
+        if let Phase::Training(open) = &mut self.phase {
+            *open.refused.entry(kind.to_string()).or_default() += 1;
+        }
+    }
+}
+
+/// Picks `max(min_clients, ⌈fraction · |connected|⌉)` agents, reproducibly for a round.
+pub fn select(
+    connected: &[String],
+    fraction: f64,
+    min_clients: usize,
+    seed: u64,
+    round: u64,
+) -> BTreeSet<String> {
+    let k = ((fraction * connected.len() as f64).ceil() as usize)
+        .max(min_clients)
+        .min(connected.len());
+    let mut rng =
+        rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    connected.choose_multiple(&mut rng, k).cloned().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selection_respects_fraction_and_minimum() {
+        let ids: Vec<String> = (0..10).map(|i| format!("a{i}")).collect();
+        assert_eq!(select(&ids, 0.3, 2, 1, 1).len(), 3);
+        assert_eq!(select(&ids, 0.1, 2, 1, 1).len(), 2);
+        assert_eq!(select(&ids, 1.0, 2, 1, 1).len(), 10);
+        assert_eq!(select(&ids, 0.5, 2, 1, 4), select(&ids, 0.5, 2, 1, 4));
+    }
+}

@@ -1,0 +1,90 @@
+//! The local training task the coordinator hands to agents each round.
+
+use serde::{Deserialize, Serialize};
+
+/// Hyper-parameters of a round's local training (the `[task]` table of the coordinator's
+/// configuration). Every field has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TaskConfig {
+    /// "micse" or "simcse".
+    pub objective: String,
+    /// Local epochs over the agent's shard per round (ignored when `steps` is set).
+    pub epochs: u32,
+    /// Local steps per round instead of epochs (0 = use epochs).
+    pub steps: u32,
+    pub batch_size: u32,
+    pub max_len: u32,
+    pub lr: f64,
+    pub temperature: f64,
+    /// AMI weight λ (the paper's 1e-3 for low-shot data).
+    pub lambda: f64,
+    /// AMI layers `[start, end)`; empty = the paper's default for the model's depth.
+    pub ami_layers: Vec<u32>,
+    pub ami_samples: u32,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    /// Base seed; agents mix in the round number and their id.
+    pub seed: u64,
+    /// Tensors trained and exchanged (names, or prefixes ending in '.'); empty = all.
+    pub trainable: Vec<String>,
+}
+
+impl Default for TaskConfig {
+    fn default() -> Self {
+        TaskConfig {
+            objective: "micse".into(),
+            epochs: 1,
+            steps: 0,
+            batch_size: 64,
+            max_len: 32,
+            lr: 1e-5,
+            temperature: 0.05,
+            lambda: 1e-3,
+            ami_layers: Vec::new(),
+            ami_samples: 150,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            seed: 48,
+            trainable: Vec::new(),
+        }
+    }
+}
+
+impl TaskConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.objective != "micse" && self.objective != "simcse" {
+            return Err(format!(
+                "task.objective {:?}: expected \"micse\" or \"simcse\"",
+                self.objective
+            ));
+        }
+        if self.epochs == 0 && self.steps == 0 {
+            return Err("task: set epochs or steps above 0".into());
+        }
+        if self.batch_size < 2 {
+            return Err("task.batch_size must be at least 2".into());
+        }
+        if self.max_len < 3 {
+            return Err("task.max_len must be at least 3".into());
+        }
+        if !(self.lr > 0.0) {
+            return Err("task.lr must be positive".into());
+        }
+        if !(self.temperature > 0.0) {
+            return Err("task.temperature must be positive".into());
+        }
+        if !self.ami_layers.is_empty() {
+            let ok = self.ami_layers.len() == 2
+                && self.ami_layers[0] < self.ami_layers[1]
+                && (self.ami_layers[1] - self.ami_layers[0]) % 2 == 0;
+            if !ok {
+                return Err(format!(
+                    "task.ami_layers {:?}: expected [start, end) with an even, positive count",
+                    self.ami_layers
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,236 @@
+//! Certificate tooling for a federation (rcgen, no openssl): a CA, the coordinator's server
+//! certificate and one client certificate per agent, written as PEM files.
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use time::{Duration, OffsetDateTime};
+
+use crate::tls::Error as TlsError;
+
+/// Default lifetime of issued certificates.
+pub const DEFAULT_DAYS: i64 = 365;
+
+fn err(e: impl std::fmt::Display) -> TlsError {
+    TlsError(e.to_string())
+}
+
+fn write(path: &Path, content: &str, private: bool) -> Result<(), TlsError> {
+    std::fs::write(path, content).map_err(|e| TlsError(format!("{}: {e}", path.display())))?;
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| TlsError(format!("{}: {e}", path.display())))?;
+    }
+    let _ = private;
+    Ok(())
+}
+
+fn random_serial() -> SerialNumber {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    // 16 bytes: time in nanoseconds and a per-process counter, positive (top bit clear).
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    let count = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&nanos.to_be_bytes());
+    bytes[8..].copy_from_slice(&(count ^ std::process::id() as u64).to_be_bytes());
+    bytes[0] &= 0x7f;
+    bytes[0] |= 0x01;
+    SerialNumber::from_slice(&bytes)
+}
+
+fn dates(params: &mut CertificateParams, days: i64) {
+    let now = OffsetDateTime::now_utc();
+    // An hour of slack for clocks that run a little behind.
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(days);
+}
+
+fn dn(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "fedmicse federation");
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+/// Paths `certs init` writes.
+#[derive(Debug, Clone)]
+pub struct InitOutput {
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+/// Creates `DIR/ca.{pem,key}` and the coordinator's `DIR/coordinator.{pem,key}`, valid for
+/// `hosts` (DNS names or IP addresses; `localhost` and `127.0.0.1` are always included).
+pub fn init(dir: &Path, hosts: &[String], days: i64) -> Result<InitOutput, TlsError> {
+    std::fs::create_dir_all(dir).map_err(|e| TlsError(format!("{}: {e}", dir.display())))?;
+    let out = InitOutput {
+        ca_cert: dir.join("ca.pem"),
+        ca_key: dir.join("ca.key"),
+        server_cert: dir.join("coordinator.pem"),
+        server_key: dir.join("coordinator.key"),
+    };
+    if out.ca_key.exists() {
+        return Err(TlsError(format!(
+            "{} exists: refusing to overwrite the federation's CA key",
+            out.ca_key.display()
+        )));
+    }
+    let ca_key = KeyPair::generate().map_err(err)?;
+    let mut ca = CertificateParams::default();
+    ca.distinguished_name = dn("fedmicse CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca.serial_number = Some(random_serial());
+    dates(&mut ca, days.max(1) * 5);
+    let ca_cert = ca.self_signed(&ca_key).map_err(err)?;
+    write(&out.ca_cert, &ca_cert.pem(), false)?;
+    write(&out.ca_key, &ca_key.serialize_pem(), true)?;
+
+    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "coordinator".into()];
+    for h in hosts {
+        if !names.contains(h) {
+            names.push(h.clone());
+        }
+    }
+    let issuer = Issuer::new(ca, ca_key);
+    let (cert, key) = leaf(
+        &issuer,
+        "coordinator",
+        &names,
+        ExtendedKeyUsagePurpose::ServerAuth,
+        days,
+    )?;
+    write(&out.server_cert, &cert, false)?;
+    write(&out.server_key, &key, true)?;
+    Ok(out)
+}
+
+fn leaf(
+    issuer: &Issuer<'_, KeyPair>,
+    common_name: &str,
+    names: &[String],
+    usage: ExtendedKeyUsagePurpose,
+    days: i64,
+) -> Result<(String, String), TlsError> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    for n in names {
+        params
+            .subject_alt_names
+            .push(match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(
+                    n.clone()
+                        .try_into()
+                        .map_err(|e| TlsError(format!("{n:?} is not a valid DNS name: {e}")))?,
+                ),
+            });
+    }
+    params.distinguished_name = dn(common_name);
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![usage];
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(random_serial());
+    dates(&mut params, days);
+    let key = KeyPair::generate().map_err(err)?;
+    let cert = params.signed_by(&key, issuer).map_err(err)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// A valid agent id: letters, digits, '-', '_' and '.', 1 to 64 characters. The id is the
+/// certificate's common name and the name of its files.
+pub fn check_agent_id(id: &str) -> Result<(), TlsError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !id.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(TlsError(format!(
+            "agent id {id:?}: use 1-64 letters, digits, '-', '_' or '.'"
+        )))
+    }
+}
+
+/// Issues an agent certificate `OUT/ID.{pem,key}` (and copies `ca.pem` beside it) signed by
+/// the CA in `ca_dir`. Returns the certificate's serial (hex), for revocation lists.
+pub fn issue(ca_dir: &Path, id: &str, out: &Path, days: i64) -> Result<String, TlsError> {
+    check_agent_id(id)?;
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(&p).map_err(|e| TlsError(format!("{}: {e}", p.display())))
+    };
+    let ca_pem = read(ca_dir.join("ca.pem"))?;
+    let ca_key = KeyPair::from_pem(&read(ca_dir.join("ca.key"))?)
+        .map_err(|e| TlsError(format!("{}: {e}", ca_dir.join("ca.key").display())))?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(err)?;
+    std::fs::create_dir_all(out).map_err(|e| TlsError(format!("{}: {e}", out.display())))?;
+    let sans = if id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    {
+        vec![id.to_string()]
+    } else {
+        Vec::new()
+    };
+    let (cert, key) = leaf(
+        &issuer,
+        id,
+        &sans,
+        ExtendedKeyUsagePurpose::ClientAuth,
+        days,
+    )?;
+    write(&out.join(format!("{id}.pem")), &cert, false)?;
+    write(&out.join(format!("{id}.key")), &key, true)?;
+    if out.canonicalize().ok() != ca_dir.canonicalize().ok() {
+        write(&out.join("ca.pem"), &ca_pem, false)?;
+    }
+    let der = crate::tls::pem_to_der(cert.as_bytes()).expect("just written");
+    Ok(crate::tls::peer_identity(&der)?.serial)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_and_issue() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = init(dir.path(), &["fed.example.org".into()], 30).unwrap();
+        assert!(out.ca_cert.is_file() && out.server_key.is_file());
+        assert!(
+            init(dir.path(), &[], 30)
+                .unwrap_err()
+                .0
+                .contains("refusing")
+        );
+        let serial = issue(dir.path(), "silo-a", &dir.path().join("a"), 30).unwrap();
+        assert!(!serial.is_empty());
+        let pem = std::fs::read(dir.path().join("a/silo-a.pem")).unwrap();
+        let id = crate::tls::peer_identity(&crate::tls::pem_to_der(&pem).unwrap()).unwrap();
+        assert_eq!(id.id, "silo-a");
+        assert_eq!(id.serial, serial);
+        assert!(dir.path().join("a/ca.pem").is_file());
+        assert!(issue(dir.path(), "bad id!", dir.path(), 30).is_err());
+        assert!(issue(dir.path(), "", dir.path(), 30).is_err());
+    }
+}

@@ -1,0 +1,395 @@
+//! Streaming named f32 tensors in chunks, and putting them back together safely.
+//!
+//! Tensors are sent in name order, each as consecutive chunks of at most [`CHUNK_BYTES`]
+//! with increasing offsets. The digest (SHA-256 over name, shape, dtype and bytes of every
+//! tensor, in name order) is computed by the sender before streaming and checked by the
+//! receiver after the last chunk, so a corrupted or truncated stream is refused whole.
+
+use bytes::Bytes;
+use fedmicse_encoder::{HostTensor, TensorMap};
+use sha2::{Digest, Sha256};
+
+use crate::pb::{ElementType as DType, TensorChunk};
+
+/// Payload bytes per chunk (1 MiB: far under gRPC's 4 MiB message limit).
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+/// The canonical digest of a tensor set (f32, name order).
+pub fn digest(map: &TensorMap) -> Vec<u8> {
+    let mut h = Sha256::new();
+    for (name, t) in map {
+        hash_header(&mut h, name, &t.shape, DType::F32);
+        h.update(bytemuck::cast_slice::<f32, u8>(&t.data));
+    }
+    h.finalize().to_vec()
+}
+
+fn hash_header(h: &mut Sha256, name: &str, shape: &[usize], dtype: DType) {
+    h.update(name.as_bytes());
+    h.update([0u8]);
+    for &d in shape {
+        h.update((d as u64).to_le_bytes());
+    }
+    h.update([dtype as i32 as u8]);
+}
+
+/// Total payload bytes of a tensor set.
+pub fn total_bytes(map: &TensorMap) -> u64 {
+    map.values().map(|t| t.data.len() as u64 * 4).sum()
+}
+
+/// The chunks of a tensor set, in order, made lazily (one chunk in memory at a time).
+pub fn chunk_tensors(map: &TensorMap) -> impl Iterator<Item = TensorChunk> + '_ {
+    map.iter().flat_map(|(name, t)| {
+        let bytes: &[u8] = bytemuck::cast_slice(&t.data);
+        let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
+        // A zero-sized tensor still gets one (empty) chunk so its name and shape arrive.
+        let n = bytes.len().div_ceil(CHUNK_BYTES).max(1);
+        (0..n).map(move |i| {
+            let start = i * CHUNK_BYTES;
+            let end = (start + CHUNK_BYTES).min(bytes.len());
+            TensorChunk {
+                name: name.clone(),
+                shape: shape.clone(),
+                dtype: DType::F32 as i32,
+                offset: start as u64,
+                data: Bytes::copy_from_slice(&bytes[start..end]),
+            }
+        })
+    })
+}
+
+/// What a receiver accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_tensors: usize,
+    pub max_total_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AssemblyError {
+    #[error(
+        "tensor {name}: chunk at byte {found}, expected {expected} (chunks out of order or lost)"
+    )]
+    Offset {
+        name: String,
+        expected: u64,
+        found: u64,
+    },
+    #[error("tensor {name} arrived before {previous}: tensors must come in name order, once each")]
+    Order { name: String, previous: String },
+    #[error("tensor {name}: shape {shape:?} changed between chunks (first {first:?})")]
+    ShapeChanged {
+        name: String,
+        first: Vec<u64>,
+        shape: Vec<u64>,
+    },
+    #[error("tensor {name}: {received} of {expected} bytes arrived")]
+    Truncated {
+        name: String,
+        received: u64,
+        expected: u64,
+    },
+    #[error("tensor {name}: {found} bytes for shape {shape:?} ({expected} expected)")]
+    Overflow {
+        name: String,
+        shape: Vec<u64>,
+        expected: u64,
+        found: u64,
+    },
+    #[error("tensor {name}: unsupported dtype {dtype}")]
+    DType { name: String, dtype: i32 },
+    #[error("more than {0} tensors")]
+    TooManyTensors(usize),
+    #[error("more than {0} bytes")]
+    TooLarge(u64),
+    #[error(
+        "{declared_tensors} tensors / {declared_bytes} bytes declared, {tensors} / {bytes} arrived"
+    )]
+    CountMismatch {
+        declared_tensors: u64,
+        declared_bytes: u64,
+        tensors: u64,
+        bytes: u64,
+    },
+    #[error(
+        "digest mismatch: the data arrived corrupted (declared {declared}, computed {computed})"
+    )]
+    Digest { declared: String, computed: String },
+    #[error("tensor {name}: bad name or shape")]
+    Malformed { name: String },
+}
+
+struct Pending {
+    name: String,
+    shape: Vec<u64>,
+    dtype: DType,
+    expected: u64,
+    buf: Vec<u8>,
+}
+
+/// Reassembles chunks into tensors, checking order, offsets, sizes, limits and the digest.
+/// f16 and bf16 tensors are widened to f32 (the digest covers the bytes as sent).
+pub struct Assembler {
+    limits: Limits,
+    tensors: TensorMap,
+    pending: Option<Pending>,
+    last_name: Option<String>,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl Assembler {
+    pub fn new(limits: Limits) -> Self {
+        Assembler {
+            limits,
+            tensors: TensorMap::new(),
+            pending: None,
+            last_name: None,
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    pub fn bytes_received(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn push(&mut self, chunk: TensorChunk) -> Result<(), AssemblyError> {
+        let same = self.pending.as_ref().is_some_and(|p| p.name == chunk.name);
+        if !same {
+            self.finish_pending()?;
+            if chunk.name.is_empty() || chunk.name.len() > 256 {
+                return Err(AssemblyError::Malformed { name: chunk.name });
+            }
+            if let Some(prev) = &self.last_name
+                && chunk.name.as_str() <= prev.as_str()
+            {
+                return Err(AssemblyError::Order {
+                    name: chunk.name,
+                    previous: prev.clone(),
+                });
+            }
+            if self.tensors.len() >= self.limits.max_tensors {
+                return Err(AssemblyError::TooManyTensors(self.limits.max_tensors));
+            }
+            let dtype = DType::try_from(chunk.dtype).map_err(|_| AssemblyError::DType {
+                name: chunk.name.clone(),
+                dtype: chunk.dtype,
+            })?;
+            let elems = chunk
+                .shape
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+                .filter(|_| chunk.shape.len() <= 8)
+                .ok_or_else(|| AssemblyError::Malformed {
+                    name: chunk.name.clone(),
+                })?;
+            let expected =
+                elems
+                    .checked_mul(elem_size(dtype))
+                    .ok_or_else(|| AssemblyError::Malformed {
+                        name: chunk.name.clone(),
+                    })?;
+            if self.bytes.saturating_add(expected) > self.limits.max_total_bytes {
+                return Err(AssemblyError::TooLarge(self.limits.max_total_bytes));
+            }
+            hash_header(
+                &mut self.hasher,
+                &chunk.name,
+                &to_usize(&chunk.shape),
+                dtype,
+            );
+            self.last_name = Some(chunk.name.clone());
+            self.pending = Some(Pending {
+                name: chunk.name.clone(),
+                shape: chunk.shape.clone(),
+                dtype,
+                expected,
+                buf: Vec::with_capacity(expected as usize),
+            });
+        }
+        let p = self.pending.as_mut().expect("pending tensor");
+        if chunk.shape != p.shape || chunk.dtype != p.dtype as i32 {
+            return Err(AssemblyError::ShapeChanged {
+                name: chunk.name,
+                first: p.shape.clone(),
+                shape: chunk.shape,
+            });
+        }
+        let have = p.buf.len() as u64;
+        if chunk.offset != have {
+            return Err(AssemblyError::Offset {
+                name: chunk.name,
+                expected: have,
+                found: chunk.offset,
+            });
+        }
+        let after = have + chunk.data.len() as u64;
+        if after > p.expected {
+            return Err(AssemblyError::Overflow {
+                name: chunk.name,
+                shape: p.shape.clone(),
+                expected: p.expected,
+                found: after,
+            });
+        }
+        self.hasher.update(&chunk.data);
+        p.buf.extend_from_slice(&chunk.data);
+        self.bytes += chunk.data.len() as u64;
+        Ok(())
+    }
+
+    fn finish_pending(&mut self) -> Result<(), AssemblyError> {
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
+        if p.buf.len() as u64 != p.expected {
+            return Err(AssemblyError::Truncated {
+                name: p.name,
+                received: p.buf.len() as u64,
+                expected: p.expected,
+            });
+        }
+        let data: Vec<f32> = match p.dtype {
+            DType::F32 => bytemuck::pod_collect_to_vec(&p.buf),
+            DType::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(&p.buf)
+                .into_iter()
+                .map(f32::from)
+                .collect(),
+            DType::Bf16 => bytemuck::pod_collect_to_vec::<u8, half::bf16>(&p.buf)
+                .into_iter()
+                .map(f32::from)
+                .collect(),
+        };
+        self.tensors
+            .insert(p.name, HostTensor::new(to_usize(&p.shape), data));
+        Ok(())
+    }
+
+    /// Completes assembly: checks the declared counts and the digest.
+    pub fn finish(
+        mut self,
+        declared_tensors: u64,
+        declared_bytes: u64,
+        declared_digest: &[u8],
+    ) -> Result<TensorMap, AssemblyError> {
+        self.finish_pending()?;
+        let tensors = self.tensors.len() as u64;
+        if tensors != declared_tensors || self.bytes != declared_bytes {
+            return Err(AssemblyError::CountMismatch {
+                declared_tensors,
+                declared_bytes,
+                tensors,
+                bytes: self.bytes,
+            });
+        }
+        let computed = self.hasher.finalize().to_vec();
+        if computed != declared_digest {
+            return Err(AssemblyError::Digest {
+                declared: hex::encode(declared_digest),
+                computed: hex::encode(computed),
+            });
+        }
+        Ok(self.tensors)
+    }
+}
+
+fn elem_size(d: DType) -> u64 {
+    match d {
+        DType::F32 => 4,
+        DType::F16 | DType::Bf16 => 2,
+    }
+}
+
+fn to_usize(shape: &[u64]) -> Vec<usize> {
+    shape.iter().map(|&d| d as usize).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> TensorMap {
+        let mut m = TensorMap::new();
+        m.insert(
+            "a".into(),
+            HostTensor::new(vec![2, 3], (0..6).map(|i| i as f32).collect()),
+        );
+        // Spans several chunks.
+        let n = CHUNK_BYTES / 4 * 2 + 17;
+        m.insert(
+            "b.big".into(),
+            HostTensor::new(vec![n], (0..n).map(|i| i as f32 * 0.5).collect()),
+        );
+        m.insert("c".into(), HostTensor::new(vec![0], vec![]));
+        m
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            max_tensors: 10,
+            max_total_bytes: 1 << 30,
+        }
+    }
+
+    fn assemble(chunks: Vec<TensorChunk>, map: &TensorMap) -> Result<TensorMap, AssemblyError> {
+        let mut a = Assembler::new(limits());
+        for c in chunks {
+            a.push(c)?;
+        }
+        a.finish(map.len() as u64, total_bytes(map), &digest(map))
+    }
+
+    #[test]
+    fn round_trip() {
+        let m = sample();
+        let chunks: Vec<_> = chunk_tensors(&m).collect();
+        assert_eq!(chunks.len(), 1 + 3 + 1);
+        assert!(chunks.iter().all(|c| c.data.len() <= CHUNK_BYTES));
+        assert_eq!(assemble(chunks, &m).unwrap(), m);
+    }
+
+    #[test]
+    fn corruption_is_caught() {
+        let m = sample();
+        let mut chunks: Vec<_> = chunk_tensors(&m).collect();
+        let mut data = chunks[2].data.to_vec();
+        data[5] ^= 1;
+        chunks[2].data = data.into();
+        assert!(matches!(
+            assemble(chunks, &m),
+            Err(AssemblyError::Digest { .. })
+        ));
+
+        let mut chunks: Vec<_> = chunk_tensors(&m).collect();
+        chunks.remove(2);
+        assert!(matches!(
+            assemble(chunks, &m),
+            Err(AssemblyError::Offset { .. })
+        ));
+
+        let mut chunks: Vec<_> = chunk_tensors(&m).collect();
+        chunks.swap(0, 1);
+        assert!(assemble(chunks, &m).is_err());
+
+        let mut chunks: Vec<_> = chunk_tensors(&m).collect();
+        chunks.pop();
+        chunks.pop();
+        assert!(assemble(chunks, &m).is_err());
+
+        let mut chunks: Vec<_> = chunk_tensors(&m).collect();
+        chunks[0].shape = vec![u64::MAX, 2];
+        assert!(matches!(
+            assemble(chunks, &m),
+            Err(AssemblyError::Malformed { .. })
+        ));
+
+        let mut a = Assembler::new(Limits {
+            max_tensors: 10,
+            max_total_bytes: 100,
+        });
+        let err = chunk_tensors(&m).try_for_each(|c| a.push(c)).unwrap_err();
+        assert_eq!(err, AssemblyError::TooLarge(100));
+    }
+}
