@@ -77,3 +77,5 @@ pub fn sentences(v: &serde_json::Value) -> Vec<String> {
         .map(|s| s.as_str().unwrap().to_string())
         .collect()
 }
+
+pub mod fed;

@@ -140,6 +140,7 @@ impl Coordinator {
                 history,
                 refused_total: BTreeMap::new(),
                 abandoned_rounds: 0,
+                closed: None,
             }),
             global: ArcSwap::from_pointee(global),
             serving: ArcSwap::from_pointee(None),
@@ -345,6 +346,7 @@ async fn drive(shared: Arc<Shared>) {
                         else {
                             unreachable!()
                         };
+                        st.closed = Some((round, open.submitted.clone()));
                         Action::Close(open)
                     } else if late {
                         tracing::warn!(
@@ -428,7 +430,7 @@ fn commit_round(shared: &Shared, open: OpenRound) -> Result<(), String> {
     st.history.push(record);
     if round >= shared.config.federation.rounds {
         st.phase = Phase::Done;
-        let _ = shared.done_tx.send(true);
+        shared.done_tx.send_replace(true);
         tracing::info!(rounds = round, "federation finished");
     } else {
         st.phase = Phase::Waiting { next: round + 1 };

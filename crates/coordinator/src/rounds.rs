@@ -78,6 +78,8 @@ pub struct State {
     /// Refusals by check, over the coordinator's life (for metrics).
     pub refused_total: BTreeMap<String, u64>,
     pub abandoned_rounds: u64,
+    /// Digests accepted in the last closed round, so a late retry of one is acknowledged.
+    pub closed: Option<(u64, BTreeMap<String, Vec<u8>>)>,
 }
 
 impl State {

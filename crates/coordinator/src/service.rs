@@ -305,6 +305,16 @@ async fn receive_update(
     // Cheap checks before any data is read.
     let expected = {
         let st = s.lock();
+        if let Some((round, digests)) = &st.closed
+            && *round == header.round
+            && digests.get(id) == Some(&header.digest)
+        {
+            return Ok(SubmitResponse {
+                accepted: true,
+                round: *round,
+                message: "already received (retry ignored; the round is closed)".into(),
+            });
+        }
         let Phase::Training(open) = &st.phase else {
             return Err(Refusal::NoRound);
         };

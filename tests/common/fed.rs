@@ -1,0 +1,155 @@
+//! Starting coordinators and fake agents for federation tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedmicse_coordinator::config::{
+    EvalConfig, FederationConfig, InferenceConfig, ServerConfig, TlsConfig,
+};
+use fedmicse_coordinator::{Coordinator, CoordinatorConfig, Running};
+use fedmicse_encoder::{BertConfig, BertModel, Encoder, TextTokenizer};
+use fedmicse_federation::{TaskConfig, UpdateRules};
+use fedmicse_wire::client::{Connection, Target};
+use fedmicse_wire::{TlsFiles, certs, pb};
+
+/// A randomly initialised BERT with MiniLM's tokenizer, saved as a HuggingFace directory.
+pub fn tiny_model(
+    dir: &Path,
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    intermediate: usize,
+) -> PathBuf {
+    let mut config = BertConfig::new(30522, hidden, layers, heads, intermediate);
+    config.max_position_embeddings = 128;
+    let device = fedmicse_encoder::device::cpu();
+    let model = BertModel::random(&config, true, &device);
+    let tokenizer = TextTokenizer::from_dir(&super::minilm()).unwrap();
+    Encoder::from_parts(model, tokenizer, config, &device)
+        .save(dir)
+        .unwrap();
+    dir.to_path_buf()
+}
+
+/// A CA, a coordinator certificate and agent certificates in `dir`.
+pub fn certs_for(dir: &Path, agents: &[&str]) {
+    certs::init(dir, &[], 2).unwrap();
+    for a in agents {
+        certs::issue(dir, a, dir, 2).unwrap();
+    }
+}
+
+pub fn coordinator_config(
+    model: &Path,
+    state: &Path,
+    certs: &Path,
+    allow: &[&str],
+) -> CoordinatorConfig {
+    CoordinatorConfig {
+        server: ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            allow_plaintext: false,
+        },
+        tls: Some(TlsConfig {
+            ca: certs.join("ca.pem"),
+            cert: certs.join("coordinator.pem"),
+            key: certs.join("coordinator.key"),
+        }),
+        federation: FederationConfig {
+            model: model.to_path_buf(),
+            state_dir: state.to_path_buf(),
+            allowlist: allow.iter().map(|s| s.to_string()).collect(),
+            operators: Vec::new(),
+            rounds: 1,
+            min_clients: allow.len(),
+            fraction: 1.0,
+            round_deadline_secs: 120,
+            server_lr: 1.0,
+            agent_timeout_secs: 120,
+            poll_ms: 100,
+            keep_checkpoints: 10,
+            seed: 1,
+            device: "cpu".into(),
+            max_concurrent_uploads: 4,
+        },
+        updates: UpdateRules::default(),
+        task: TaskConfig::default(),
+        eval: EvalConfig::default(),
+        inference: InferenceConfig::default(),
+    }
+}
+
+pub async fn start(config: CoordinatorConfig) -> Running {
+    let c = tokio::task::spawn_blocking(move || Coordinator::new(config))
+        .await
+        .unwrap()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    c.serve(listener).await.unwrap()
+}
+
+pub fn connect(addr: std::net::SocketAddr, certs: &Path, id: &str) -> Connection {
+    Connection::new(&Target {
+        url: format!("https://127.0.0.1:{}", addr.port()),
+        tls: Some(TlsFiles::in_dir(certs, id)),
+        domain: "localhost".into(),
+        plaintext_client_id: None,
+    })
+    .unwrap()
+}
+
+/// Joins until selected for an open round; returns the round.
+pub async fn wait_selected(conn: &mut Connection) -> u64 {
+    for _ in 0..600 {
+        let r = conn.join(10).await.unwrap();
+        if r.phase == pb::Phase::Training as i32 && r.selected {
+            return r.round;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("never selected");
+}
+
+/// A deterministic pseudo-random delta shaped like `global`'s tensors.
+pub fn synthetic_delta(
+    global: &fedmicse_encoder::TensorMap,
+    seed: u64,
+    scale: f32,
+) -> fedmicse_encoder::TensorMap {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    global
+        .iter()
+        .map(|(n, t)| {
+            let data = (0..t.data.len())
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+                })
+                .collect();
+            (
+                n.clone(),
+                fedmicse_encoder::HostTensor::new(t.shape.clone(), data),
+            )
+        })
+        .collect()
+}
+
+pub fn metrics() -> pb::LocalMetrics {
+    pb::LocalMetrics {
+        steps: 1,
+        mean_loss: 0.5,
+        last_loss: 0.5,
+        mean_ami: 0.0,
+        seconds: 0.1,
+    }
+}
+
+pub fn arc<T>(t: T) -> Arc<T> {
+    Arc::new(t)
+}

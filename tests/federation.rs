@@ -1,0 +1,365 @@
+//! Federation end to end over real sockets on 127.0.0.1 with mutual TLS.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+
+use common::fed::*;
+use common::*;
+use fedmicse_encoder::TensorMap;
+use fedmicse_wire::client::{Connection, Target};
+use fedmicse_wire::{TlsFiles, pb};
+
+/// W + Σ nᵢΔᵢ / Σ nᵢ, computed here independently.
+fn fedavg(global: &TensorMap, updates: &[(u64, TensorMap)]) -> TensorMap {
+    let total: f64 = updates.iter().map(|(n, _)| *n as f64).sum();
+    global
+        .iter()
+        .map(|(name, w)| {
+            let data = (0..w.data.len())
+                .map(|i| {
+                    let mean: f64 = updates
+                        .iter()
+                        .map(|(n, d)| *n as f64 * d[name].data[i] as f64)
+                        .sum::<f64>()
+                        / total;
+                    (w.data[i] as f64 + mean) as f32
+                })
+                .collect();
+            (
+                name.clone(),
+                fedmicse_encoder::HostTensor::new(w.shape.clone(), data),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_round_with_three_agents_is_exactly_fedavg_and_inference_serves_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir.path().join("model"), 32, 2, 2, 64);
+    let certs = dir.path().join("certs");
+    let ids = ["silo-a", "silo-b", "silo-c"];
+    certs_for(&certs, &ids);
+    let state = dir.path().join("state");
+    let running = start(coordinator_config(&model, &state, &certs, &ids)).await;
+    let addr = running.addr;
+    let start_model = running.global();
+
+    let mut tasks = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let certs = certs.clone();
+        let id = id.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = connect(addr, &certs, &id);
+            let round = wait_selected(&mut conn).await;
+            let pulled = conn.pull(round).await.unwrap();
+            let delta = synthetic_delta(&pulled.tensors, i as u64 + 1, 0.01);
+            let n = 10 * (i as u64 + 1);
+            let r = conn
+                .submit(round, n, metrics(), Arc::new(delta.clone()))
+                .await
+                .unwrap();
+            assert!(r.accepted);
+            // A retry of the same update is accepted and ignored.
+            let again = conn
+                .submit(round, n, metrics(), Arc::new(delta.clone()))
+                .await
+                .unwrap();
+            assert!(
+                again.message.contains("already received"),
+                "{}",
+                again.message
+            );
+            (pulled.tensors, n, delta)
+        }));
+    }
+    let mut updates = Vec::new();
+    for t in tasks {
+        let (pulled, n, delta) = t.await.unwrap();
+        assert_eq!(
+            pulled, start_model.tensors,
+            "agents pulled the global model"
+        );
+        updates.push((n, delta));
+    }
+    tokio::time::timeout(std::time::Duration::from_secs(60), running.wait_done())
+        .await
+        .unwrap();
+
+    let want = fedavg(&start_model.tensors, &updates);
+    let got = running.global();
+    assert_eq!(got.round, 1);
+    for (name, w) in &want {
+        let g = &got.tensors[name];
+        let diff = max_abs_diff(&g.data, &w.data);
+        assert!(diff <= 1e-7, "{name}: {diff}");
+    }
+    let history = running.history();
+    assert_eq!(history.last().unwrap().clients, 3);
+    assert!(history.last().unwrap().bytes_up > 0 && history.last().unwrap().bytes_down > 0);
+
+    // The committed checkpoint is a HuggingFace directory holding the same weights.
+    let ckpt = running.checkpoint_dir(1);
+    let on_disk =
+        fedmicse_encoder::weights::read_checkpoint(&ckpt.join("model.safetensors")).unwrap();
+    for (name, t) in &on_disk {
+        assert_eq!(t, &got.tensors[name], "{name} on disk");
+    }
+
+    // Inference answers from round 1, with the vectors `fedmicse embed` gives on that checkpoint.
+    let mut conn = connect(addr, &certs, "silo-a");
+    let sentences = vec![
+        "A man plays a guitar.".to_string(),
+        "".to_string(),
+        "Zürich at night".to_string(),
+    ];
+    let resp = conn
+        .embed(sentences.clone(), pb::Pooling::Mean, true)
+        .await
+        .unwrap();
+    assert_eq!(resp.model_round, 1);
+    let out = Command::new(env!("CARGO_BIN_EXE_fedmicse"))
+        .args([
+            "embed",
+            "--pooling",
+            "mean",
+            "--normalize",
+            "--max-len",
+            "128",
+            "--model",
+        ])
+        .arg(&ckpt)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin
+                .take()
+                .unwrap()
+                .write_all(sentences.join("\n").as_bytes())
+                .unwrap();
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(out.status.success());
+    let cli: Vec<Vec<f32>> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(cli.len(), 3);
+    for (a, b) in resp.embeddings.iter().zip(&cli) {
+        assert!(max_abs_diff(&a.values, b) < 1e-6);
+    }
+    let sim = conn
+        .similarity(
+            sentences[0].clone(),
+            vec![sentences[0].clone(), sentences[2].clone()],
+            pb::Pooling::Cls,
+        )
+        .await
+        .unwrap();
+    assert!((sim.scores[0] - 1.0).abs() < 1e-5);
+    // Oversized requests are refused with a clear status.
+    let many = vec!["x".to_string(); 1000];
+    let err = conn.embed(many, pb::Pooling::Cls, false).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("limit"), "{}", err.message());
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn strangers_cannot_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir.path().join("model"), 32, 2, 2, 64);
+    let certs = dir.path().join("certs");
+    certs_for(&certs, &["silo-a", "mallory"]);
+    // Another federation's CA, with an agent named like an allowed one.
+    let other = dir.path().join("other");
+    certs_for(&other, &["silo-a"]);
+    let state = dir.path().join("state");
+    let mut config = coordinator_config(&model, &state, &certs, &["silo-a"]);
+    config.federation.min_clients = 1;
+    let running = start(config).await;
+    let url = format!("https://127.0.0.1:{}", running.addr.port());
+
+    // No client certificate at all: the handshake fails at the first call.
+    let ca = tonic::transport::Certificate::from_pem(std::fs::read(certs.join("ca.pem")).unwrap());
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(ca)
+        .domain_name("localhost");
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_lazy();
+    let mut bare = pb::federation_client::FederationClient::new(channel);
+    let err = bare.join(pb::JoinRequest::default()).await.unwrap_err();
+    assert_ne!(err.code(), tonic::Code::Ok);
+
+    // A certificate from another CA.
+    let mut foreign = Connection::new(&Target {
+        url: url.clone(),
+        tls: Some(TlsFiles {
+            ca: certs.join("ca.pem"),
+            cert: other.join("silo-a.pem"),
+            key: other.join("silo-a.key"),
+        }),
+        domain: "localhost".into(),
+        plaintext_client_id: None,
+    })
+    .unwrap();
+    assert!(foreign.join(1).await.is_err());
+
+    // A valid certificate that is not on the allowlist.
+    let mut mallory = connect(running.addr, &certs, "mallory");
+    let err = mallory.join(1).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(err.message().contains("allowlist"));
+    let err = mallory
+        .submit(1, 5, metrics(), Arc::new(TensorMap::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+
+    // Plaintext to a TLS coordinator.
+    let mut plain = Connection::new(&Target {
+        url: format!("http://127.0.0.1:{}", running.addr.port()),
+        tls: None,
+        domain: "localhost".into(),
+        plaintext_client_id: Some("silo-a".into()),
+    })
+    .unwrap();
+    assert!(plain.join(1).await.is_err());
+
+    // Nothing of theirs entered: the allowed agent alone makes the round, which is its delta.
+    let mut good = connect(running.addr, &certs, "silo-a");
+    let round = wait_selected(&mut good).await;
+    let pulled = good.pull(round).await.unwrap();
+    let delta = synthetic_delta(&pulled.tensors, 9, 0.01);
+    good.submit(round, 3, metrics(), Arc::new(delta.clone()))
+        .await
+        .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(60), running.wait_done())
+        .await
+        .unwrap();
+    let want = fedavg(&pulled.tensors, &[(3, delta)]);
+    let got = running.global();
+    for (name, w) in &want {
+        assert!(max_abs_diff(&got.tensors[name].data, &w.data) <= 1e-7);
+    }
+    assert_eq!(running.history().last().unwrap().clients, 1);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_100_megabyte_update_streams_in_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    // hidden 1024 with a 30522-word vocabulary: 125 MB of word embeddings alone.
+    let model = tiny_model(&dir.path().join("model"), 1024, 1, 16, 64);
+    let certs = dir.path().join("certs");
+    certs_for(&certs, &["big"]);
+    let running = start(coordinator_config(
+        &model,
+        &dir.path().join("state"),
+        &certs,
+        &["big"],
+    ))
+    .await;
+    let mut conn = connect(running.addr, &certs, "big");
+    let round = wait_selected(&mut conn).await;
+    let pulled = conn.pull(round).await.unwrap();
+    let delta = synthetic_delta(&pulled.tensors, 5, 0.001);
+    let bytes = fedmicse_wire::tensors::total_bytes(&delta);
+    assert!(bytes > 100 << 20, "{bytes} bytes");
+    // The gRPC message limit stays far below the update's size.
+    assert!(fedmicse_wire::MAX_MESSAGE_BYTES < (bytes as usize) / 10);
+    let r = conn
+        .submit(round, 7, metrics(), Arc::new(delta.clone()))
+        .await
+        .unwrap();
+    assert!(r.accepted);
+    tokio::time::timeout(std::time::Duration::from_secs(120), running.wait_done())
+        .await
+        .unwrap();
+    let got = running.global();
+    let name = "embeddings.word_embeddings.weight";
+    let want: Vec<f32> = pulled.tensors[name]
+        .data
+        .iter()
+        .zip(&delta[name].data)
+        .map(|(w, d)| (*w as f64 + *d as f64) as f32)
+        .collect();
+    assert!(max_abs_diff(&got.tensors[name].data, &want) <= 1e-7);
+    assert_eq!(running.history().last().unwrap().bytes_up, bytes);
+    running.shutdown().await;
+}
+
+#[test]
+fn simulate_command_runs_a_small_federation() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir.path().join("model"), 32, 2, 2, 64);
+    let dev = dir.path().join("dev.tsv");
+    let lines: Vec<String> = std::fs::read_to_string(root().join("data/sts/stsb/dev.tsv"))
+        .unwrap()
+        .lines()
+        .take(41)
+        .map(String::from)
+        .collect();
+    std::fs::write(&dev, lines.join("\n")).unwrap();
+    let config = dir.path().join("sim.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "model = {:?}\ndata = {:?}\nsample = 60\nclients = 3\nrounds = 2\npartition = \"dirichlet:0.5\"\noutput = \"out\"\n\
+             [task]\nbatch_size = 8\nmax_len = 16\nami_samples = 20\nlr = 1e-4\n[eval]\ndev_file = \"dev.tsv\"\n",
+            model,
+            root().join("data/wiki/wiki_sentences.txt")
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fedmicse"))
+        .args(["simulate", "--config"])
+        .arg(&config)
+        .args(["--rounds", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let o = dir.path().join("out");
+    let rounds: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(o.join("rounds.json")).unwrap()).unwrap();
+    let rounds = rounds.as_array().unwrap();
+    assert_eq!(rounds.len(), 3, "round 0 (start) and 2 rounds");
+    for (i, r) in rounds.iter().enumerate() {
+        assert_eq!(r["round"], i);
+        for k in [
+            "clients",
+            "mean_loss",
+            "stsb_dev",
+            "bytes_up",
+            "bytes_down",
+            "seconds",
+        ] {
+            assert!(r.get(k).is_some(), "{k}");
+        }
+        assert!(r["stsb_dev"].as_f64().is_some());
+    }
+    assert_eq!(rounds[2]["clients"], 3);
+    assert!(rounds[2]["mean_loss"].as_f64().unwrap().is_finite());
+    assert!(rounds[2]["bytes_up"].as_u64().unwrap() > 0);
+    let png = std::fs::read(o.join("rounds.png")).unwrap();
+    assert_eq!(&png[..4], b"\x89PNG");
+    assert!(png.len() > 10_000);
+    let enc = fedmicse_encoder::Encoder::load(o.join("global"), &fedmicse_encoder::device::cpu())
+        .unwrap();
+    assert_eq!(enc.config.hidden_size, 32);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("stsb_dev"), "{stdout}");
+}
