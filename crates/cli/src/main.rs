@@ -1,5 +1,6 @@
 //! `fedmicse`: federated low-shot training of sentence encoders with miCSE.
 
+mod bench;
 mod embed;
 mod fed;
 mod logging;
@@ -48,6 +49,8 @@ enum Command {
     Certs(fed::CertsCmd),
     /// Print a coordinator's state.
     Status(fed::StatusCmd),
+    /// Measure inference and training throughput and peak memory.
+    Bench(bench::BenchCmd),
 }
 
 fn main() -> std::process::ExitCode {
@@ -63,6 +66,7 @@ fn main() -> std::process::ExitCode {
         Command::Simulate(args) => simulate::run_simulate(args),
         Command::Certs(args) => fed::run_certs(args),
         Command::Status(args) => fed::run_status(args),
+        Command::Bench(args) => bench::run_bench(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

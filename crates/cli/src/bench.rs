@@ -1,0 +1,241 @@
+//! `fedmicse bench`: inference and training throughput, peak memory, CUDA start-up.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use fedmicse_encoder::{
+    BertConfig, BertModel, EmbedOptions, Encoder, Pooling, TextTokenizer, parse_device,
+};
+use fedmicse_training::sts::read_tsv;
+use fedmicse_training::{TrainConfig, Trainer};
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Preset {
+    /// bert-base-uncased shapes (12 layers, hidden 768), random weights.
+    BertBase,
+    /// all-MiniLM-L6-v2 shapes (6 layers, hidden 384), random weights.
+    Minilm,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchCmd {
+    /// Benchmark this checkpoint...
+    #[arg(long, value_name = "DIR", conflicts_with = "config")]
+    pub model: Option<PathBuf>,
+    /// ...or a randomly initialised model of these shapes (tokenizer from --tokenizer).
+    #[arg(long, value_enum)]
+    pub config: Option<Preset>,
+    /// Directory with the tokenizer for --config.
+    #[arg(long, default_value = "models/all-MiniLM-L6-v2")]
+    pub tokenizer: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// STS TSV whose sentences are embedded (the STS-B test set by default).
+    #[arg(long, default_value = "data/sts/stsb/test.tsv")]
+    pub sentences: PathBuf,
+    /// Training sentences (one per line; the bundled Wikipedia sentences fill max_len 32).
+    #[arg(long, default_value = "data/wiki/wiki_sentences.txt")]
+    pub train_sentences: PathBuf,
+    /// Sentences per inference measurement.
+    #[arg(long, default_value_t = 1024)]
+    pub inference_sentences: usize,
+    /// Timed repetitions (the median is reported) after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Training steps per repetition.
+    #[arg(long, default_value_t = 3)]
+    pub train_steps: usize,
+    /// Batch size for inference and training.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Skip the training measurements.
+    #[arg(long)]
+    pub no_train: bool,
+    /// Write the results as JSON too.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Serialize, Debug)]
+struct Row {
+    name: String,
+    value: f64,
+    unit: String,
+    peak_rss_mib: Option<f64>,
+}
+
+/// Resets the kernel's peak-RSS counter (Linux), so each section reports its own peak.
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn run_bench(cmd: BenchCmd) -> Result<()> {
+    if cmd.repeats == 0 || cmd.batch_size < 2 {
+        bail!("--repeats must be ≥ 1 and --batch-size ≥ 2");
+    }
+    let device = parse_device(&cmd.device)?;
+    let cold = Instant::now();
+    let encoder = match (&cmd.model, cmd.config) {
+        (Some(dir), _) => {
+            Encoder::load(dir, &device).with_context(|| format!("loading {}", dir.display()))?
+        }
+        (None, Some(preset)) => {
+            let config = match preset {
+                Preset::BertBase => BertConfig::bert_base(),
+                Preset::Minilm => BertConfig::minilm_l6(),
+            };
+            let tokenizer = TextTokenizer::from_dir(&cmd.tokenizer)
+                .with_context(|| format!("tokenizer from {}", cmd.tokenizer.display()))?;
+            Encoder::from_parts(
+                BertModel::random(&config, true, &device),
+                tokenizer,
+                config,
+                &device,
+            )
+        }
+        (None, None) => bail!("give --model DIR or --config bert-base|minilm"),
+    };
+    let pairs = read_tsv(&cmd.sentences)?;
+    let mut sentences: Vec<String> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for p in &pairs {
+        for s in [&p.s1, &p.s2] {
+            if seen.insert(s.clone()) {
+                sentences.push(s.clone());
+            }
+        }
+    }
+    let n = cmd.inference_sentences.min(sentences.len());
+    let refs: Vec<&str> = sentences[..n].iter().map(String::as_str).collect();
+    eprintln!(
+        "bench: {} layers, hidden {}, device {}, {} sentences, batch {}",
+        encoder.config.num_hidden_layers, encoder.config.hidden_size, cmd.device, n, cmd.batch_size
+    );
+    let mut rows = Vec::new();
+
+    if !fedmicse_encoder::device::is_host(&device) {
+        // Time to the first finished training step from process start (kernels compiled and
+        // autotuned on first use; cached across runs when the cache is warm).
+        let mut c = TrainConfig::paper(encoder.model.num_layers(), 1e-3);
+        c.batch_size = cmd.batch_size;
+        let mut t = Trainer::new(&encoder, None, c)?;
+        let batch: Vec<&str> = refs.iter().cycle().take(cmd.batch_size).copied().collect();
+        t.step(&batch)?;
+        rows.push(Row {
+            name: "first training step from start".into(),
+            value: cold.elapsed().as_secs_f64(),
+            unit: "s".into(),
+            peak_rss_mib: None,
+        });
+    }
+
+    for max_len in [32, 128] {
+        let opts = EmbedOptions {
+            pooling: Pooling::Cls,
+            normalize: false,
+            max_len: Some(max_len),
+            batch_size: cmd.batch_size,
+        };
+        encoder.embed(&refs[..cmd.batch_size.min(n)], &opts)?; // warm-up
+        reset_peak();
+        let mut rates = Vec::new();
+        for _ in 0..cmd.repeats {
+            let t = Instant::now();
+            encoder.embed(&refs, &opts)?;
+            rates.push(n as f64 / t.elapsed().as_secs_f64());
+        }
+        rows.push(Row {
+            name: format!("inference, max_len {max_len}"),
+            value: median(rates),
+            unit: "sentences/s".into(),
+            peak_rss_mib: peak_rss_mib(),
+        });
+    }
+
+    if !cmd.no_train {
+        let train = fedmicse_training::data::read_sentences(&cmd.train_sentences)?;
+        let train_refs: Vec<&str> = train.iter().map(String::as_str).collect();
+        let tn = train_refs.len();
+        if tn < cmd.batch_size {
+            bail!(
+                "{}: fewer sentences than a batch",
+                cmd.train_sentences.display()
+            );
+        }
+        for (name, lambda) in [("miCSE", 1e-3), ("SimCSE", 0.0)] {
+            let mut c = TrainConfig::paper(encoder.model.num_layers(), lambda);
+            c.batch_size = cmd.batch_size;
+            c.total_steps = 1_000_000;
+            let mut trainer = Trainer::new(&encoder, None, c)?;
+            let batch = |i: usize| -> Vec<&str> {
+                (0..cmd.batch_size)
+                    .map(|j| train_refs[(i * cmd.batch_size + j) % tn])
+                    .collect()
+            };
+            trainer.step(&batch(0))?; // warm-up
+            reset_peak();
+            let mut rates = Vec::new();
+            let mut k = 1;
+            for _ in 0..cmd.repeats {
+                let t = Instant::now();
+                for _ in 0..cmd.train_steps {
+                    trainer.step(&batch(k))?;
+                    k += 1;
+                }
+                rates.push((cmd.train_steps * cmd.batch_size) as f64 / t.elapsed().as_secs_f64());
+            }
+            let rate = median(rates);
+            rows.push(Row {
+                name: format!("{name} training step, max_len 32"),
+                value: rate,
+                unit: "sentences/s".into(),
+                peak_rss_mib: peak_rss_mib(),
+            });
+            rows.push(Row {
+                name: format!("{name} training step time"),
+                value: cmd.batch_size as f64 / rate,
+                unit: "s/step".into(),
+                peak_rss_mib: None,
+            });
+        }
+    }
+
+    println!("| measurement | value | unit | peak RSS (MiB) |");
+    println!("|---|---:|---|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {:.2} | {} | {} |",
+            r.name,
+            r.value,
+            r.unit,
+            r.peak_rss_mib.map_or("-".into(), |m| format!("{m:.0}"))
+        );
+    }
+    if let Some(path) = &cmd.json {
+        let v = serde_json::json!({
+            "device": cmd.device,
+            "layers": encoder.config.num_hidden_layers,
+            "hidden": encoder.config.hidden_size,
+            "batch_size": cmd.batch_size,
+            "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            "rows": rows,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}
