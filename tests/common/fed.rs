@@ -56,6 +56,7 @@ pub fn coordinator_config(
             ca: certs.join("ca.pem"),
             cert: certs.join("coordinator.pem"),
             key: certs.join("coordinator.key"),
+            revocation_list: None,
         }),
         federation: FederationConfig {
             model: model.to_path_buf(),
@@ -78,6 +79,8 @@ pub fn coordinator_config(
         task: TaskConfig::default(),
         eval: EvalConfig::default(),
         inference: InferenceConfig::default(),
+        aggregation: Default::default(),
+        http: Default::default(),
     }
 }
 

@@ -25,6 +25,16 @@ pub struct AgentConfig {
     pub device: String,
     #[serde(default)]
     pub retry: RetryConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+}
+
+/// /health and Prometheus /metrics of the agent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Where to listen; none = no HTTP server.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod local;
+pub mod metrics;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +37,7 @@ struct Pending {
     num_samples: u64,
     metrics: LocalMetrics,
     delta: Arc<TensorMap>,
+    dtype: pb::ElementType,
 }
 
 pub struct Agent {
@@ -46,6 +48,8 @@ pub struct Agent {
     /// Limits how many agents of a process train at once (simulation mode).
     train_gate: Option<Arc<Semaphore>>,
     name: String,
+    http: Option<std::net::SocketAddr>,
+    pub metrics: Arc<metrics::AgentMetrics>,
 }
 
 fn permanent(code: Code) -> bool {
@@ -85,6 +89,8 @@ impl Agent {
             device,
             retry: config.retry.clone(),
             train_gate: None,
+            http: config.http.listen,
+            metrics: Arc::new(metrics::AgentMetrics::new()),
         })
     }
 
@@ -96,6 +102,10 @@ impl Agent {
     /// Runs until the federation is done, `stop` is set, or a permanent error (refused
     /// identity) occurs.
     pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<AgentReport, String> {
+        if let Some(listen) = self.http {
+            let addr = metrics::serve(listen, self.metrics.clone()).await?;
+            tracing::info!(%addr, "agent HTTP listening (/health, /metrics)");
+        }
         let mut conn = Connection::new(&self.target)?;
         let mut report = AgentReport {
             client_id: self.name.clone(),
@@ -136,6 +146,7 @@ impl Agent {
                                 {
                                     return Err(e.0);
                                 }
+                                self.metrics.failures.inc();
                                 tracing::warn!(agent = %report.client_id, round = resp.round, error = %e.0, "round failed; will retry while it is open");
                                 backoff
                             } else {
@@ -173,6 +184,7 @@ impl Agent {
         if !reusable {
             let pulled = conn.pull(resp.round).await.map_err(status_err)?;
             report.bytes_down += pulled.bytes;
+            self.metrics.bytes_down.inc_by(pulled.bytes);
             tracing::info!(agent = %report.client_id, round = resp.round, bytes = pulled.bytes, "pulled the global model");
             let seed = round_seed(task.seed, &report.client_id, resp.round);
             let shard = self.shard.clone();
@@ -195,22 +207,35 @@ impl Agent {
             .map_err(|e| (e.to_string(), None))?
             .map_err(|e| (e, None))?;
             tracing::info!(agent = %report.client_id, round = resp.round, steps = metrics.steps, mean_loss = metrics.mean_loss, seconds = format!("{:.1}", metrics.seconds), "trained locally");
+            self.metrics.steps.inc_by(metrics.steps as u64);
+            self.metrics.loss.set(metrics.mean_loss);
+            let rows =
+                (metrics.steps as f64) * (task.batch_size as f64).min(self.shard.len() as f64);
+            if metrics.seconds > 0.0 {
+                self.metrics
+                    .sentences_per_second
+                    .set(rows / metrics.seconds);
+            }
             *pending = Some(Pending {
                 round: resp.round,
                 model_digest: resp.model_digest.clone(),
                 num_samples: self.shard.len() as u64,
                 metrics,
                 delta: Arc::new(delta),
+                dtype: fedmicse_wire::tensors::parse_dtype(&task.update_dtype)
+                    .unwrap_or(pb::ElementType::F32),
             });
         }
         let p = pending.as_ref().expect("pending update");
-        let bytes = fedmicse_wire::tensors::total_bytes(&p.delta);
+        let bytes = fedmicse_wire::tensors::total_bytes_as(&p.delta, p.dtype);
         let r = conn
-            .submit(p.round, p.num_samples, p.metrics, p.delta.clone())
+            .submit_as(p.round, p.num_samples, p.metrics, p.delta.clone(), p.dtype)
             .await
             .map_err(status_err)?;
         report.bytes_up += bytes;
         report.rounds_trained.push(p.round);
+        self.metrics.bytes_up.inc_by(bytes);
+        self.metrics.rounds.inc();
         tracing::info!(agent = %report.client_id, round = p.round, bytes, message = %r.message, "update sent");
         *pending = None;
         Ok(())

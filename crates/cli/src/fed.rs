@@ -129,6 +129,17 @@ pub enum CertsCmd {
         #[arg(long, default_value_t = certs::DEFAULT_DAYS)]
         days: i64,
     },
+    /// Revoke a certificate (by its serial, with --cert) or every certificate of a client id
+    /// (--name): appends to the revocation list the coordinator re-reads while running.
+    Revoke {
+        /// The coordinator's revocation list (tls.revocation_list).
+        #[arg(long, value_name = "FILE")]
+        list: PathBuf,
+        #[arg(long, value_name = "ID", required_unless_present = "cert")]
+        name: Option<String>,
+        #[arg(long, value_name = "PEM")]
+        cert: Option<PathBuf>,
+    },
 }
 
 pub fn run_certs(cmd: CertsCmd) -> Result<()> {
@@ -159,6 +170,10 @@ pub fn run_certs(cmd: CertsCmd) -> Result<()> {
                 out.display()
             );
             println!("add \"{name}\" to federation.allowlist in the coordinator's configuration");
+        }
+        CertsCmd::Revoke { list, name, cert } => {
+            let entry = certs::revoke(&list, name.as_deref(), cert.as_deref())?;
+            println!("revoked {entry} in {}", list.display());
         }
     }
     Ok(())
@@ -210,6 +225,7 @@ pub fn run_status(cmd: StatusCmd) -> Result<()> {
         },
         device: "cpu".into(),
         retry: Default::default(),
+        http: Default::default(),
     };
     let target = Target {
         url: cmd.coordinator.clone(),

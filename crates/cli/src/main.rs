@@ -4,6 +4,7 @@ mod bench;
 mod embed;
 mod fed;
 mod logging;
+mod plot;
 mod simulate;
 mod train;
 
@@ -51,6 +52,9 @@ enum Command {
     Status(fed::StatusCmd),
     /// Measure inference and training throughput and peak memory.
     Bench(bench::BenchCmd),
+    /// Draw PNG plots: federation rounds, or a 2-D projection of embeddings.
+    #[command(subcommand)]
+    Plot(plot::PlotCmd),
 }
 
 fn main() -> std::process::ExitCode {
@@ -67,6 +71,7 @@ fn main() -> std::process::ExitCode {
         Command::Certs(args) => fed::run_certs(args),
         Command::Status(args) => fed::run_status(args),
         Command::Bench(args) => bench::run_bench(args),
+        Command::Plot(args) => plot::run_plot(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -74,5 +79,101 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {err:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    fn root() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    }
+
+    /// Leaf keys of a TOML value, as `section.key`.
+    fn keys(v: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+        if let toml::Value::Table(t) = v {
+            for (k, v) in t {
+                let name = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                if v.is_table() {
+                    keys(v, &name, out);
+                } else {
+                    out.push(name);
+                }
+            }
+        }
+    }
+
+    /// Every field of a config struct is documented in its example file: serialising the
+    /// parsed file back gives all fields (defaults included); each must appear in the file,
+    /// set or commented out, in its section.
+    fn check_documented(path: &Path, value: toml::Value) {
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut all = Vec::new();
+        keys(&value, "", &mut all);
+        for key in all {
+            let (section, leaf) = match key.rsplit_once('.') {
+                Some((s, l)) => (Some(s), l),
+                None => (None, key.as_str()),
+            };
+            // The lines of the section: from its header line to the next header.
+            let mut in_section = section.is_none();
+            let mut body = String::new();
+            for line in text.lines() {
+                let t = line.trim();
+                if t.starts_with('[') && t.ends_with(']') {
+                    in_section = section.is_some_and(|s| t == format!("[{s}]"));
+                    continue;
+                }
+                if in_section {
+                    body.push_str(line);
+                    body.push('\n');
+                }
+            }
+            let documented = body.lines().any(|l| {
+                let l = l.trim_start_matches(['#', ' ']);
+                l.starts_with(&format!("{leaf} =")) || l.starts_with(&format!("{leaf}="))
+            });
+            assert!(
+                documented,
+                "{}: field {key} is not documented",
+                path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn bundled_configs_parse_and_document_every_field() {
+        let c = fedmicse_coordinator::CoordinatorConfig::from_file(
+            &root().join("configs/coordinator.toml"),
+        )
+        .unwrap();
+        check_documented(
+            &root().join("configs/coordinator.toml"),
+            toml::Value::try_from(&c).unwrap(),
+        );
+        let a = fedmicse_agent::AgentConfig::from_file(&root().join("configs/agent.toml")).unwrap();
+        check_documented(
+            &root().join("configs/agent.toml"),
+            toml::Value::try_from(&a).unwrap(),
+        );
+        let s = crate::simulate::SimulateConfig::from_file(&root().join("configs/simulate.toml"))
+            .unwrap();
+        let mut v = toml::Value::try_from(&s).unwrap();
+        // The simulation's [updates] and [eval].max_pairs are advanced: defaults, not listed.
+        if let toml::Value::Table(t) = &mut v {
+            t.remove("updates");
+            if let Some(toml::Value::Table(e)) = t.get_mut("eval") {
+                e.remove("max_pairs");
+            }
+            if let Some(toml::Value::Table(f)) = t.get_mut("federation") {
+                f.remove("min_clients");
+            }
+        }
+        check_documented(&root().join("configs/simulate.toml"), v);
     }
 }

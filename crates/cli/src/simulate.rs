@@ -311,6 +311,7 @@ pub fn run_simulate(cmd: SimulateCmd) -> Result<()> {
             ca: certs_dir.join("ca.pem"),
             cert: certs_dir.join("coordinator.pem"),
             key: certs_dir.join("coordinator.key"),
+            revocation_list: None,
         }),
         federation: FederationConfig {
             model: c.model.clone(),
@@ -333,6 +334,8 @@ pub fn run_simulate(cmd: SimulateCmd) -> Result<()> {
         task: c.task.clone(),
         eval: c.eval.clone(),
         inference: InferenceConfig::default(),
+        aggregation: Default::default(),
+        http: Default::default(),
     };
     coordinator_config.validate().map_err(anyhow::Error::msg)?;
 
@@ -364,6 +367,7 @@ pub fn run_simulate(cmd: SimulateCmd) -> Result<()> {
                 },
                 device: c.device.clone(),
                 retry: Default::default(),
+                http: Default::default(),
             };
             let agent = Agent::new(&cfg, shard).map_err(anyhow::Error::msg)?.with_train_gate(gate.clone());
             agents.push(tokio::spawn(agent.run(stop_rx.clone())));

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use fedmicse_federation::{TaskConfig, UpdateRules};
+use fedmicse_federation::{ServerOptimizer, Strategy, TaskConfig, UpdateRules};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -17,11 +17,39 @@ pub struct CoordinatorConfig {
     #[serde(default)]
     pub updates: UpdateRules,
     #[serde(default)]
+    pub aggregation: AggregationConfig,
+    #[serde(default)]
     pub task: TaskConfig,
     #[serde(default)]
     pub eval: EvalConfig,
     #[serde(default)]
     pub inference: InferenceConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+}
+
+/// The HTTP side: health and readiness probes, Prometheus metrics and, optionally, an
+/// embeddings API in the conventions of text-embeddings-inference and OpenAI.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Where /health, /ready and /metrics listen; none = no HTTP server.
+    pub listen: Option<SocketAddr>,
+    /// Also serve POST /embed, /similarity and /v1/embeddings (plaintext HTTP without
+    /// client authentication: keep it on an internal network or behind a proxy).
+    pub embeddings_api: bool,
+    /// Largest request body (bytes).
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: None,
+            embeddings_api: false,
+            max_body_bytes: 2 << 20,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,6 +79,42 @@ pub struct TlsConfig {
     /// The coordinator's certificate and key.
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Revoked certificates: one client id or `serial:HEX` per line ('#' comments). Re-read
+    /// when it changes; no restart needed. `fedmicse certs revoke` appends to it.
+    #[serde(default)]
+    pub revocation_list: Option<PathBuf>,
+}
+
+/// How a round's updates become the next global model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregationConfig {
+    /// "fedavg" (sample-weighted mean), "median" or "trimmed_mean" (coordinate-wise).
+    pub strategy: Strategy,
+    /// Share trimmed at each end by trimmed_mean.
+    pub trim_fraction: f64,
+    /// "sgd" (W ← W + η·Δ), "fedavgm" (server momentum) or "fedadam" (Reddi et al., 2021).
+    pub server_optimizer: ServerOptimizer,
+    /// FedAvgM momentum β.
+    pub momentum: f64,
+    /// FedAdam β₁, β₂ and adaptivity τ.
+    pub beta1: f64,
+    pub beta2: f64,
+    pub tau: f64,
+}
+
+impl Default for AggregationConfig {
+    fn default() -> Self {
+        AggregationConfig {
+            strategy: Strategy::Fedavg,
+            trim_fraction: 0.1,
+            server_optimizer: ServerOptimizer::Sgd,
+            momentum: 0.9,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-3,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -197,6 +261,9 @@ impl CoordinatorConfig {
             fix(&mut t.ca);
             fix(&mut t.cert);
             fix(&mut t.key);
+            if let Some(r) = &mut t.revocation_list {
+                fix(r);
+            }
         }
         if let Some(d) = &mut self.eval.dev_file {
             fix(d);
@@ -240,6 +307,22 @@ impl CoordinatorConfig {
         {
             return Err(format!("updates.max_norm {m} must be positive"));
         }
+        let a = &self.aggregation;
+        if !(0.0..0.5).contains(&a.trim_fraction) {
+            return Err(format!(
+                "aggregation.trim_fraction {} must be in [0, 0.5)",
+                a.trim_fraction
+            ));
+        }
+        if !(0.0..1.0).contains(&a.momentum)
+            || !(0.0..1.0).contains(&a.beta1)
+            || !(0.0..1.0).contains(&a.beta2)
+        {
+            return Err("aggregation.momentum, beta1 and beta2 must be in [0, 1)".into());
+        }
+        if !(a.tau > 0.0) {
+            return Err("aggregation.tau must be positive".into());
+        }
         if self.inference.max_sentences == 0 || self.inference.max_len < 3 {
             return Err("inference.max_sentences must be ≥ 1 and inference.max_len ≥ 3".into());
         }
@@ -282,5 +365,46 @@ allowlist = ["a"]
         assert!(c2.validate().unwrap_err().contains("mutual TLS"));
         c2.server.allow_plaintext = true;
         c2.validate().unwrap();
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            /// Arbitrary text is a config or an error naming the problem, never a panic.
+            #[test]
+            fn arbitrary_text_never_panics(text in "\\PC{0,400}") {
+                if let Ok(c) = toml::from_str::<CoordinatorConfig>(&text) {
+                    let _ = c.validate();
+                }
+            }
+
+            /// Mutations of a valid file: values replaced by arbitrary TOML values.
+            #[test]
+            fn mutated_configs_never_panic(line in 0usize..9, value in prop_oneof![
+                Just("-1".to_string()), Just("1e309".to_string()), Just("nan".to_string()),
+                Just("\"\"".to_string()), Just("[]".to_string()), Just("{}".to_string()),
+                "[0-9]{1,25}", "\"\\PC{0,20}\""]) {
+                let lines: Vec<&str> = MINIMAL.lines().filter(|l| l.contains('=')).collect();
+                let l = lines[line % lines.len()];
+                let key = l.split('=').next().unwrap();
+                let text = MINIMAL.replace(l, &format!("{key}= {value}"));
+                if let Ok(c) = toml::from_str::<CoordinatorConfig>(&text) {
+                    let _ = c.validate();
+                }
+                let extra = format!("{MINIMAL}\n[aggregation]\ntrim_fraction = {value}\n");
+                if let Ok(c) = toml::from_str::<CoordinatorConfig>(&extra) {
+                    let _ = c.validate();
+                }
+            }
+
+            #[test]
+            fn revocation_lists_never_panic(text in "\\PC{0,300}") {
+                let _ = crate::revoke::parse(&text);
+            }
+        }
     }
 }

@@ -3,7 +3,11 @@
 //! evaluates it on an STS dev file and serves embeddings from the newest global model.
 
 pub mod config;
+mod http;
 mod inference;
+mod metrics;
+pub mod pending;
+mod revoke;
 pub mod rounds;
 mod service;
 pub mod store;
@@ -15,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use fedmicse_encoder::{Encoder, parse_device};
-use fedmicse_federation::{apply_step, trainable_names};
+use fedmicse_federation::{ServerHyper, ServerState, server_step, trainable_names};
 use fedmicse_training::run::DevSet;
 use fedmicse_wire::pb::federation_server::FederationServer;
 use fedmicse_wire::pb::inference_server::InferenceServer;
@@ -30,6 +34,10 @@ pub use store::{GlobalModel, RoundRecord, Store};
 pub(crate) struct Shared {
     config: CoordinatorConfig,
     store: Store,
+    pending: pending::Pending,
+    revocations: revoke::Revocations,
+    /// The server optimizer's moments (FedAvgM, FedAdam), committed with each round.
+    server_state: std::sync::Mutex<ServerState>,
     /// The base model's encoder: tokenizer and config for building inference encoders.
     template: Encoder,
     dev: Option<DevSet>,
@@ -40,6 +48,7 @@ pub(crate) struct Shared {
     wake: Notify,
     uploads: Semaphore,
     inference_permits: Semaphore,
+    metrics: metrics::Metrics,
     done_tx: watch::Sender<bool>,
 }
 
@@ -57,6 +66,8 @@ pub struct Coordinator {
 /// A serving coordinator.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where /health, /ready and /metrics are served, if configured.
+    pub http_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
@@ -89,13 +100,14 @@ impl Coordinator {
             }
             None => None,
         };
-        let (global, history, fresh) = match store.load()? {
-            Some((model, history)) => {
+        let pending = pending::Pending::open(&config.federation.state_dir)?;
+        let (global, history, fresh, server_state) = match store.load()? {
+            Some((model, history, server_state)) => {
                 tracing::info!(
                     round = model.round,
                     "resuming from the last committed round"
                 );
-                (model, history, false)
+                (model, history, false, server_state)
             }
             None => {
                 let mut tensors = template.tensors().map_err(|e| e.to_string())?;
@@ -113,9 +125,26 @@ impl Coordinator {
                     ));
                 }
                 let files = template.files().map_err(|e| e.to_string())?;
-                (GlobalModel::new(0, tensors, files), Vec::new(), true)
+                (
+                    GlobalModel::new(0, tensors, files),
+                    Vec::new(),
+                    true,
+                    ServerState::default(),
+                )
             }
         };
+        // Updates of rounds already committed are stale; those of the next round were
+        // accepted before a crash and count when it reopens.
+        pending.clear_through(global.round);
+        let recovered = pending.list(global.round + 1);
+        if !recovered.is_empty() {
+            tracing::info!(
+                round = global.round + 1,
+                updates = recovered.len(),
+                clients = ?recovered.iter().map(|r| r.client.as_str()).collect::<Vec<_>>(),
+                "recovered accepted updates of the interrupted round"
+            );
+        }
         // Fail now, not at the first round, if the task does not fit the model.
         let names = trainable_names(&global.tensors, &config.task.trainable);
         if names.is_empty() {
@@ -141,12 +170,19 @@ impl Coordinator {
                 refused_total: BTreeMap::new(),
                 abandoned_rounds: 0,
                 closed: None,
+                recovered,
             }),
             global: ArcSwap::from_pointee(global),
             serving: ArcSwap::from_pointee(None),
             wake: Notify::new(),
+            metrics: metrics::Metrics::new(),
             done_tx,
             store,
+            pending,
+            revocations: revoke::Revocations::new(
+                config.tls.as_ref().and_then(|t| t.revocation_list.clone()),
+            ),
+            server_state: std::sync::Mutex::new(server_state),
             template,
             dev,
             config,
@@ -172,7 +208,9 @@ impl Coordinator {
                 seconds: 0.0,
                 refused: BTreeMap::new(),
             };
-            shared.store.commit(&global, &record, &[])?;
+            shared
+                .store
+                .commit(&global, &ServerState::default(), &record, &[])?;
             shared.lock().history.push(record);
         }
         shared
@@ -221,6 +259,29 @@ impl Coordinator {
                 })
                 .await
         });
+        let http_addr = match shared.config.http.listen {
+            Some(listen) => {
+                let l = TcpListener::bind(listen)
+                    .await
+                    .map_err(|e| format!("HTTP listen {listen}: {e}"))?;
+                let a = l.local_addr().map_err(|e| e.to_string())?;
+                let app = http::router(shared.clone());
+                let mut stop_http = stop.subscribe();
+                tokio::spawn(async move {
+                    let r = axum::serve(l, app)
+                        .with_graceful_shutdown(async move {
+                            let _ = stop_http.wait_for(|s| *s).await;
+                        })
+                        .await;
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "HTTP server failed");
+                    }
+                });
+                tracing::info!(addr = %a, embeddings_api = shared.config.http.embeddings_api, "HTTP listening (/health, /ready, /metrics)");
+                Some(a)
+            }
+            None => None,
+        };
         let driver_shared = shared.clone();
         let driver = tokio::spawn(async move {
             tokio::select! {
@@ -231,6 +292,7 @@ impl Coordinator {
         tracing::info!(%addr, tls = shared.config.tls.is_some(), "coordinator listening");
         Ok(Running {
             addr,
+            http_addr,
             shared,
             stop,
             server,
@@ -301,14 +363,22 @@ async fn drive(shared: Arc<Shared>) {
     let timeout = Duration::from_secs(f.agent_timeout_secs);
     loop {
         let action = {
-            let mut st = shared.lock();
+            let mut guard = shared.lock();
+            let st: &mut State = &mut guard;
             let connected = st.connected(timeout);
             match &mut st.phase {
                 Phase::Done => return,
                 Phase::Waiting { next } if connected.len() >= f.min_clients => {
                     let round = *next;
-                    let selected =
+                    let mut selected =
                         rounds::select(&connected, f.fraction, f.min_clients, f.seed, round);
+                    // Updates accepted before a restart (or an abandoned attempt) count;
+                    // their senders are selected.
+                    let recovered: Vec<pending::Stored> = std::mem::take(&mut st.recovered)
+                        .into_iter()
+                        .filter(|r| f.allowlist.is_empty() || f.allowlist.contains(&r.client))
+                        .collect();
+                    selected.extend(recovered.iter().map(|r| r.client.clone()));
                     let global = shared.global.load();
                     let expected: BTreeMap<String, Vec<usize>> =
                         trainable_names(&global.tensors, &shared.config.task.trainable)
@@ -323,9 +393,10 @@ async fn drive(shared: Arc<Shared>) {
                     st.phase = Phase::Training(Box::new(OpenRound {
                         round,
                         selected,
-                        submitted: BTreeMap::new(),
-                        sum: Default::default(),
-                        losses: Vec::new(),
+                        submitted: recovered
+                            .into_iter()
+                            .map(|r| (r.client.clone(), r))
+                            .collect(),
                         expected: Arc::new(expected),
                         opened: Instant::now(),
                         deadline: Instant::now() + deadline,
@@ -346,7 +417,13 @@ async fn drive(shared: Arc<Shared>) {
                         else {
                             unreachable!()
                         };
-                        st.closed = Some((round, open.submitted.clone()));
+                        st.closed = Some((
+                            round,
+                            open.submitted
+                                .iter()
+                                .map(|(id, s)| (id.clone(), s.digest.clone()))
+                                .collect(),
+                        ));
                         Action::Close(open)
                     } else if late {
                         tracing::warn!(
@@ -357,7 +434,14 @@ async fn drive(shared: Arc<Shared>) {
                         );
                         let next = open.round;
                         st.abandoned_rounds += 1;
-                        st.phase = Phase::Waiting { next };
+                        // The updates that did arrive stay valid (same global model): they
+                        // count again when the round reopens.
+                        let Phase::Training(open) =
+                            std::mem::replace(&mut st.phase, Phase::Waiting { next })
+                        else {
+                            unreachable!()
+                        };
+                        st.recovered = open.submitted.into_values().collect();
                         Action::Nothing
                     } else {
                         Action::Nothing
@@ -394,14 +478,45 @@ async fn drive(shared: Arc<Shared>) {
 /// Aggregates a closed round, evaluates, commits and starts serving the new model.
 fn commit_round(shared: &Shared, open: OpenRound) -> Result<(), String> {
     let started = Instant::now();
+    tracing::info!(
+        round = open.round,
+        updates = open.submitted.len(),
+        "aggregating"
+    );
+    // Fault-injection hook for the crash-safety tests: a window to kill the process in.
+    if let Some(ms) = std::env::var("FEDMICSE_AGGREGATION_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    let a = &shared.config.aggregation;
+    let stored: Vec<pending::Stored> = open.submitted.values().cloned().collect();
+    let step = pending::aggregate(&stored, &open.expected, a.strategy, a.trim_fraction)?;
     let global = shared.global.load_full();
     let mut tensors = global.tensors.clone();
-    apply_step(
+    let mut server_state = shared
+        .server_state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let hyper = ServerHyper {
+        lr: shared.config.federation.server_lr,
+        momentum: a.momentum,
+        beta1: a.beta1,
+        beta2: a.beta2,
+        tau: a.tau,
+    };
+    server_step(
+        a.server_optimizer,
+        &hyper,
+        &mut server_state,
         &mut tensors,
-        &open.sum.mean(),
-        shared.config.federation.server_lr,
+        &step,
     );
     let model = GlobalModel::new(open.round, tensors, global.files.clone());
+    shared.metrics.bytes_in.inc_by(open.bytes_up);
+    shared.metrics.bytes_out.inc_by(open.bytes_down);
     let encoder = Arc::new(
         shared
             .template
@@ -411,7 +526,14 @@ fn commit_round(shared: &Shared, open: OpenRound) -> Result<(), String> {
     let stsb_dev = evaluate(shared, &encoder);
     let record = open.record(stsb_dev);
     let history = shared.lock().history.clone();
-    shared.store.commit(&model, &record, &history)?;
+    shared
+        .store
+        .commit(&model, &server_state, &record, &history)?;
+    shared.pending.clear_through(model.round);
+    *shared
+        .server_state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = server_state;
     tracing::info!(
         round = record.round,
         clients = record.clients,
@@ -423,6 +545,10 @@ fn commit_round(shared: &Shared, open: OpenRound) -> Result<(), String> {
         aggregation_seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
         "round committed"
     );
+    shared
+        .metrics
+        .aggregation_seconds
+        .observe(started.elapsed().as_secs_f64());
     let round = model.round;
     shared.global.store(Arc::new(model));
     shared.serving.store(Arc::new(Some((round, encoder))));

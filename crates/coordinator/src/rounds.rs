@@ -4,10 +4,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fedmicse_federation::WeightedSum;
 use rand::SeedableRng;
 use rand::seq::IndexedRandom;
 
+use crate::pending::Stored;
 use crate::store::RoundRecord;
 
 #[derive(Debug, Clone)]
@@ -20,11 +20,9 @@ pub struct AgentSeen {
 pub struct OpenRound {
     pub round: u64,
     pub selected: BTreeSet<String>,
-    /// Digest of each accepted update, by client id (a retry with the same digest is a no-op).
-    pub submitted: BTreeMap<String, Vec<u8>>,
-    pub sum: WeightedSum,
-    /// (samples, mean local loss) of each accepted update.
-    pub losses: Vec<(u64, f64)>,
+    /// Accepted updates by client id, stored on disk (a retry with the same digest is a
+    /// no-op).
+    pub submitted: BTreeMap<String, Stored>,
     /// Tensor names and shapes an update must have.
     pub expected: Arc<BTreeMap<String, Vec<usize>>>,
     pub opened: Instant,
@@ -43,9 +41,14 @@ impl OpenRound {
     }
 
     pub fn record(&self, stsb_dev: Option<f64>) -> RoundRecord {
-        let n: u64 = self.losses.iter().map(|(n, _)| n).sum();
+        let losses: Vec<(u64, f64)> = self
+            .submitted
+            .values()
+            .filter_map(|s| s.mean_loss.map(|l| (s.num_samples, l)))
+            .collect();
+        let n: u64 = losses.iter().map(|(n, _)| n).sum();
         let mean_loss =
-            (n > 0).then(|| self.losses.iter().map(|(k, l)| *k as f64 * l).sum::<f64>() / n as f64);
+            (n > 0).then(|| losses.iter().map(|(k, l)| *k as f64 * l).sum::<f64>() / n as f64);
         RoundRecord {
             round: self.round,
             clients: self.submitted.len() as u32,
@@ -80,6 +83,8 @@ pub struct State {
     pub abandoned_rounds: u64,
     /// Digests accepted in the last closed round, so a late retry of one is acknowledged.
     pub closed: Option<(u64, BTreeMap<String, Vec<u8>>)>,
+    /// Updates recovered from disk after a restart, counted when their round reopens.
+    pub recovered: Vec<Stored>,
 }
 
 impl State {

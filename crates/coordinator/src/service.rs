@@ -15,6 +15,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Shared;
+use crate::pending::Stored;
 use crate::rounds::{AgentSeen, Phase};
 
 pub struct FederationService {
@@ -47,9 +48,16 @@ pub(crate) fn identify<T>(shared: &Shared, req: &Request<T>, role: Role) -> Resu
             let leaf = certs
                 .first()
                 .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-            peer_identity(leaf.as_ref())
-                .map_err(|e| Status::unauthenticated(e.to_string()))?
-                .id
+            let peer =
+                peer_identity(leaf.as_ref()).map_err(|e| Status::unauthenticated(e.to_string()))?;
+            if shared.revocations.is_revoked(&peer.id, &peer.serial) {
+                tracing::warn!(client = %peer.id, serial = %peer.serial, "refused: certificate revoked");
+                return Err(Status::permission_denied(format!(
+                    "the certificate of {:?} (serial {}) is revoked",
+                    peer.id, peer.serial
+                )));
+            }
+            peer.id
         }
         None if shared.config.server.allow_plaintext => req
             .metadata()
@@ -82,7 +90,7 @@ fn refusal_status(r: &Refusal) -> Status {
         Refusal::WrongRound { .. } | Refusal::NoRound => Status::failed_precondition(msg),
         Refusal::NotSelected(_) => Status::permission_denied(msg),
         Refusal::Duplicate(_) => Status::already_exists(msg),
-        Refusal::Stream(_) => Status::data_loss(msg),
+        Refusal::Stream(_) | Refusal::Digest(_) => Status::data_loss(msg),
         _ => Status::invalid_argument(msg),
     }
 }
@@ -286,7 +294,16 @@ pub(crate) fn status(s: &Shared) -> StatusResponse {
     r
 }
 
-/// Receives, checks and aggregates one update.
+fn assembly_refusal(e: fedmicse_wire::AssemblyError) -> Refusal {
+    use fedmicse_wire::AssemblyError as A;
+    match e {
+        A::Digest { .. } => Refusal::Digest(e.to_string()),
+        A::DType { .. } => Refusal::DType(e.to_string()),
+        other => Refusal::Stream(other.to_string()),
+    }
+}
+
+/// Receives, checks and stores one update.
 async fn receive_update(
     s: &Arc<Shared>,
     id: &str,
@@ -327,8 +344,8 @@ async fn receive_update(
         if !open.selected.contains(id) {
             return Err(Refusal::NotSelected(open.round));
         }
-        if let Some(digest) = open.submitted.get(id) {
-            if *digest == header.digest {
+        if let Some(prev) = open.submitted.get(id) {
+            if prev.digest == header.digest {
                 return Ok(SubmitResponse {
                     accepted: true,
                     round: open.round,
@@ -339,16 +356,23 @@ async fn receive_update(
         }
         open.expected.clone()
     };
+    let elem = match s.config.task.update_dtype.as_str() {
+        "f16" | "bf16" => 2,
+        _ => 4,
+    };
     let expected_bytes: u64 = expected
         .values()
-        .map(|s| s.iter().product::<usize>() as u64 * 4)
+        .map(|s| s.iter().product::<usize>() as u64 * elem)
         .sum();
     // Bounded memory: only so many updates are held at once; others wait here, their
     // streams held back by HTTP/2 flow control.
     let _permit = s.uploads.acquire().await.expect("semaphore open");
+    let dtype = fedmicse_wire::tensors::parse_dtype(&s.config.task.update_dtype)
+        .unwrap_or(pb::ElementType::F32);
     let mut assembler = Assembler::new(Limits {
         max_tensors: expected.len(),
         max_total_bytes: expected_bytes,
+        dtype: Some(dtype),
     });
     let mut received: u64 = 0;
     let outcome: Result<_, Refusal> = async {
@@ -360,9 +384,7 @@ async fn receive_update(
             match msg.part {
                 Some(update_chunk::Part::Tensor(chunk)) => {
                     received += chunk.data.len() as u64;
-                    assembler
-                        .push(chunk)
-                        .map_err(|e| Refusal::Stream(e.to_string()))?;
+                    assembler.push(chunk).map_err(assembly_refusal)?;
                 }
                 _ => return Err(Refusal::Stream("a second header in the stream".into())),
             }
@@ -373,7 +395,7 @@ async fn receive_update(
                 header.total_bytes,
                 &header.digest,
             )
-            .map_err(|e| Refusal::Stream(e.to_string()))
+            .map_err(assembly_refusal)
     }
     .await;
     {
@@ -387,16 +409,34 @@ async fn receive_update(
     let update = outcome?;
     let rules = s.config.updates.clone();
     let n = header.num_samples;
-    let (update, scale) = tokio::task::spawn_blocking(move || {
-        let scale = validate_update(&update, &expected, n, &rules);
-        (update, scale)
+    let mut stored = Stored {
+        client: id.to_string(),
+        num_samples: n,
+        scale: 1.0,
+        mean_loss: header
+            .metrics
+            .as_ref()
+            .map(|m| m.mean_loss)
+            .filter(|l| l.is_finite()),
+        digest: header.digest.clone(),
+        path: Default::default(),
+    };
+    // Check, then store durably before acknowledging: an accepted update survives a crash.
+    let shared = s.clone();
+    let round = header.round;
+    let stored = tokio::task::spawn_blocking(move || {
+        stored.scale = validate_update(&update, &expected, n, &rules)?;
+        if stored.scale < 1.0 {
+            tracing::info!(client = %stored.client, scale = stored.scale, "update clipped to the norm bound");
+        }
+        stored.path = shared
+            .pending
+            .save(round, &stored, &update)
+            .map_err(|e| Refusal::Stream(format!("could not store the update: {e}")))?;
+        Ok::<_, Refusal>(stored)
     })
     .await
-    .map_err(|e| Refusal::Stream(e.to_string()))?;
-    let scale = scale?;
-    if scale < 1.0 {
-        tracing::info!(client = %id, scale, "update clipped to the norm bound");
-    }
+    .map_err(|e| Refusal::Stream(e.to_string()))??;
     let mut st = s.lock();
     let Phase::Training(open) = &mut st.phase else {
         return Err(Refusal::NoRound);
@@ -410,11 +450,7 @@ async fn receive_update(
     if open.submitted.contains_key(id) {
         return Err(Refusal::Duplicate(open.round));
     }
-    open.sum.add(&update, n as f64, scale);
-    open.submitted.insert(id.to_string(), header.digest.clone());
-    if let Some(m) = &header.metrics {
-        open.losses.push((n, m.mean_loss));
-    }
+    open.submitted.insert(id.to_string(), stored);
     let round = open.round;
     tracing::info!(
         client = %id,

@@ -9,11 +9,14 @@ use fedmicse_encoder::weights::{
     read_checkpoint, read_safetensors_map, write_atomic, write_safetensors,
 };
 use fedmicse_encoder::{HostTensor, TensorMap};
+use fedmicse_federation::ServerState;
 use serde::{Deserialize, Serialize};
 
 /// Tensors of the training head live under this prefix, beside the encoder's.
 pub const HEAD_PREFIX: &str = "mlp.";
 const HEAD_FILE: &str = "training_head.safetensors";
+/// Server optimizer moments (FedAvgM, FedAdam), beside the checkpoint they led to.
+const SERVER_FILE: &str = "server_state.safetensors";
 
 /// One committed round, as logged in `rounds.jsonl` (round 0 is the starting model).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -103,8 +106,9 @@ impl Store {
             .join(format!("round-{round:06}"))
     }
 
-    /// The last committed model and the round log up to it, if the store has a commit.
-    pub fn load(&self) -> Result<Option<(GlobalModel, Vec<RoundRecord>)>, String> {
+    /// The last committed model, the round log up to it and the server optimizer's state,
+    /// if the store has a commit.
+    pub fn load(&self) -> Result<Option<(GlobalModel, Vec<RoundRecord>, ServerState)>, String> {
         let state = self.dir.join("state.json");
         if !state.is_file() {
             return Ok(None);
@@ -141,9 +145,15 @@ impl Store {
                 c.digest
             ));
         }
+        let server = dir.join(SERVER_FILE);
+        let server_state = if server.is_file() {
+            ServerState::from_map(read_safetensors_map(&server).map_err(|e| e.to_string())?)
+        } else {
+            ServerState::default()
+        };
         let mut history = self.read_log()?;
         history.retain(|r| r.round <= c.round);
-        Ok(Some((model, history)))
+        Ok(Some((model, history, server_state)))
     }
 
     fn read_log(&self) -> Result<Vec<RoundRecord>, String> {
@@ -162,6 +172,7 @@ impl Store {
     pub fn commit(
         &self,
         model: &GlobalModel,
+        server_state: &ServerState,
         record: &RoundRecord,
         history: &[RoundRecord],
     ) -> Result<(), String> {
@@ -177,6 +188,10 @@ impl Store {
         }
         for (name, bytes) in &model.files {
             write_atomic(&tmp.join(name), bytes).map_err(|e| e.to_string())?;
+        }
+        let server = server_state.to_map();
+        if !server.is_empty() {
+            write_safetensors(&tmp.join(SERVER_FILE), &server).map_err(|e| e.to_string())?;
         }
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::rename(&tmp, &dir).map_err(io(&dir))?;

@@ -8,11 +8,13 @@
 
 pub mod aggregate;
 pub mod partition;
+pub mod robust;
 pub mod task;
 pub mod validate;
 
 pub use aggregate::{WeightedSum, apply_step, delta, l2_norm};
 pub use fedmicse_encoder::{HostTensor, TensorMap};
+pub use robust::{ServerHyper, ServerOptimizer, ServerState, Strategy, combine, server_step};
 pub use task::TaskConfig;
 pub use validate::{Refusal, UpdateRules, validate_update};
 

@@ -28,6 +28,8 @@ pub struct TaskConfig {
     pub seed: u64,
     /// Tensors trained and exchanged (names, or prefixes ending in '.'); empty = all.
     pub trainable: Vec<String>,
+    /// Element type of updates on the wire: "f32", or "f16"/"bf16" to halve the upload.
+    pub update_dtype: String,
 }
 
 impl Default for TaskConfig {
@@ -47,6 +49,7 @@ impl Default for TaskConfig {
             max_grad_norm: 1.0,
             seed: 48,
             trainable: Vec::new(),
+            update_dtype: "f32".into(),
         }
     }
 }
@@ -73,6 +76,12 @@ impl TaskConfig {
         }
         if !(self.temperature > 0.0) {
             return Err("task.temperature must be positive".into());
+        }
+        if !matches!(self.update_dtype.as_str(), "f32" | "f16" | "bf16") {
+            return Err(format!(
+                "task.update_dtype {:?}: expected \"f32\", \"f16\" or \"bf16\"",
+                self.update_dtype
+            ));
         }
         if !self.ami_layers.is_empty() {
             let ok = self.ami_layers.len() == 2

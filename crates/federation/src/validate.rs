@@ -53,6 +53,10 @@ pub enum Refusal {
     NonFinite { name: String, count: usize },
     #[error("update norm {norm:.4} exceeds the bound {bound}")]
     Norm { norm: f64, bound: f64 },
+    #[error("digest mismatch: {0}")]
+    Digest(String),
+    #[error("element type: {0}")]
+    DType(String),
     #[error("malformed update stream: {0}")]
     Stream(String),
 }
@@ -70,6 +74,8 @@ impl Refusal {
             Refusal::Shape { .. } => "shape",
             Refusal::NonFinite { .. } => "non_finite",
             Refusal::Norm { .. } => "norm",
+            Refusal::Digest(_) => "digest",
+            Refusal::DType(_) => "dtype",
             Refusal::Stream(_) => "stream",
         }
     }

@@ -108,12 +108,14 @@ pub fn init(dir: &Path, hosts: &[String], days: i64) -> Result<InitOutput, TlsEr
         }
     }
     let issuer = Issuer::new(ca, ca_key);
+    let now = OffsetDateTime::now_utc();
+    let validity = (now - Duration::hours(1), now + Duration::days(days));
     let (cert, key) = leaf(
         &issuer,
         "coordinator",
         &names,
         ExtendedKeyUsagePurpose::ServerAuth,
-        days,
+        validity,
     )?;
     write(&out.server_cert, &cert, false)?;
     write(&out.server_key, &key, true)?;
@@ -125,7 +127,7 @@ fn leaf(
     common_name: &str,
     names: &[String],
     usage: ExtendedKeyUsagePurpose,
-    days: i64,
+    (not_before, not_after): (OffsetDateTime, OffsetDateTime),
 ) -> Result<(String, String), TlsError> {
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
     for n in names {
@@ -148,7 +150,8 @@ fn leaf(
     params.extended_key_usages = vec![usage];
     params.use_authority_key_identifier_extension = true;
     params.serial_number = Some(random_serial());
-    dates(&mut params, days);
+    params.not_before = not_before;
+    params.not_after = not_after;
     let key = KeyPair::generate().map_err(err)?;
     let cert = params.signed_by(&key, issuer).map_err(err)?;
     Ok((cert.pem(), key.serialize_pem()))
@@ -175,6 +178,24 @@ pub fn check_agent_id(id: &str) -> Result<(), TlsError> {
 /// Issues an agent certificate `OUT/ID.{pem,key}` (and copies `ca.pem` beside it) signed by
 /// the CA in `ca_dir`. Returns the certificate's serial (hex), for revocation lists.
 pub fn issue(ca_dir: &Path, id: &str, out: &Path, days: i64) -> Result<String, TlsError> {
+    let now = OffsetDateTime::now_utc();
+    issue_valid(
+        ca_dir,
+        id,
+        out,
+        now - Duration::hours(1),
+        now + Duration::days(days),
+    )
+}
+
+/// As [`issue`] with explicit validity dates (tests use it to make expired certificates).
+pub fn issue_valid(
+    ca_dir: &Path,
+    id: &str,
+    out: &Path,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<String, TlsError> {
     check_agent_id(id)?;
     let read = |p: PathBuf| {
         std::fs::read_to_string(&p).map_err(|e| TlsError(format!("{}: {e}", p.display())))
@@ -197,7 +218,7 @@ pub fn issue(ca_dir: &Path, id: &str, out: &Path, days: i64) -> Result<String, T
         id,
         &sans,
         ExtendedKeyUsagePurpose::ClientAuth,
-        days,
+        (not_before, not_after),
     )?;
     write(&out.join(format!("{id}.pem")), &cert, false)?;
     write(&out.join(format!("{id}.key")), &key, true)?;
@@ -206,6 +227,39 @@ pub fn issue(ca_dir: &Path, id: &str, out: &Path, days: i64) -> Result<String, T
     }
     let der = crate::tls::pem_to_der(cert.as_bytes()).expect("just written");
     Ok(crate::tls::peer_identity(&der)?.serial)
+}
+
+/// Appends a revocation to the list the coordinator reads (`tls.revocation_list`): the
+/// certificate's serial when `cert` is given, else the client id (all its certificates).
+pub fn revoke(list: &Path, id: Option<&str>, cert: Option<&Path>) -> Result<String, TlsError> {
+    let entry = match (cert, id) {
+        (Some(pem_path), _) => {
+            let pem = std::fs::read(pem_path)
+                .map_err(|e| TlsError(format!("{}: {e}", pem_path.display())))?;
+            let der = crate::tls::pem_to_der(&pem)
+                .ok_or_else(|| TlsError(format!("{}: no certificate", pem_path.display())))?;
+            let p = crate::tls::peer_identity(&der)?;
+            format!("serial:{}  # {}", p.serial, p.id)
+        }
+        (None, Some(id)) => {
+            check_agent_id(id)?;
+            id.to_string()
+        }
+        (None, None) => {
+            return Err(TlsError(
+                "give a client id or a certificate to revoke".into(),
+            ));
+        }
+    };
+    let line = format!("{entry}  # revoked {}\n", OffsetDateTime::now_utc().date());
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(list)
+        .and_then(|mut f| f.write_all(line.as_bytes()).and_then(|_| f.sync_all()))
+        .map_err(|e| TlsError(format!("{}: {e}", list.display())))?;
+    Ok(entry)
 }
 
 #[cfg(test)]

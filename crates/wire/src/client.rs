@@ -9,12 +9,13 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
+use crate::pb::ElementType;
 use crate::pb::{
     self, JoinRequest, JoinResponse, LocalMetrics, PullRequest, StatusRequest, StatusResponse,
     SubmitResponse, UpdateChunk, UpdateHeader, federation_client::FederationClient,
     inference_client::InferenceClient, model_chunk, update_chunk,
 };
-use crate::tensors::{Assembler, Limits, chunk_tensors, digest, total_bytes};
+use crate::tensors::{Assembler, Limits, chunk_tensors_as, digest_as, total_bytes_as};
 use crate::tls::TlsFiles;
 
 /// Adds the client-id header on plaintext connections (ignored by a TLS coordinator).
@@ -127,6 +128,7 @@ impl Connection {
         let mut asm = Assembler::new(Limits {
             max_tensors: header.tensor_count as usize,
             max_total_bytes: header.total_bytes,
+            dtype: None,
         });
         while let Some(msg) = stream.message().await? {
             match msg.part {
@@ -157,7 +159,7 @@ impl Connection {
         })
     }
 
-    /// Streams an update (a delta for `round` weighing `num_samples`) in chunks.
+    /// Streams an update (a delta for `round` weighing `num_samples`) in f32 chunks.
     pub async fn submit(
         &mut self,
         round: u64,
@@ -165,15 +167,28 @@ impl Connection {
         metrics: LocalMetrics,
         delta: Arc<TensorMap>,
     ) -> Result<SubmitResponse, Status> {
+        self.submit_as(round, num_samples, metrics, delta, ElementType::F32)
+            .await
+    }
+
+    /// Streams an update with its values in `dtype` (f16/bf16 halve the bytes).
+    pub async fn submit_as(
+        &mut self,
+        round: u64,
+        num_samples: u64,
+        metrics: LocalMetrics,
+        delta: Arc<TensorMap>,
+        dtype: ElementType,
+    ) -> Result<SubmitResponse, Status> {
         let header = UpdateHeader {
             round,
             num_samples,
             tensor_count: delta.len() as u32,
-            total_bytes: total_bytes(&delta),
-            digest: digest(&delta),
+            total_bytes: total_bytes_as(&delta, dtype),
+            digest: digest_as(&delta, dtype),
             metrics: Some(metrics),
         };
-        self.submit_raw(header, delta).await
+        self.submit_raw(header, delta, dtype).await
     }
 
     /// Streams a header and the tensors as given (tests use it to send malformed updates).
@@ -181,6 +196,7 @@ impl Connection {
         &mut self,
         header: UpdateHeader,
         delta: Arc<TensorMap>,
+        dtype: ElementType,
     ) -> Result<SubmitResponse, Status> {
         let (tx, rx) = tokio::sync::mpsc::channel::<UpdateChunk>(4);
         tokio::spawn(async move {
@@ -190,7 +206,7 @@ impl Connection {
             if tx.send(head).await.is_err() {
                 return;
             }
-            for chunk in chunk_tensors(&delta) {
+            for chunk in chunk_tensors_as(&delta, dtype) {
                 let msg = UpdateChunk {
                     part: Some(update_chunk::Part::Tensor(chunk)),
                 };

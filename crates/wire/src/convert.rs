@@ -26,6 +26,8 @@ impl From<&TaskConfig> for pb::Task {
             max_grad_norm: t.max_grad_norm,
             seed: t.seed,
             trainable: t.trainable.clone(),
+            update_dtype: crate::tensors::parse_dtype(&t.update_dtype)
+                .unwrap_or(pb::ElementType::F32) as i32,
         }
     }
 }
@@ -51,6 +53,12 @@ impl From<&pb::Task> for TaskConfig {
             max_grad_norm: t.max_grad_norm,
             seed: t.seed,
             trainable: t.trainable.clone(),
+            update_dtype: match pb::ElementType::try_from(t.update_dtype) {
+                Ok(pb::ElementType::F16) => "f16",
+                Ok(pb::ElementType::Bf16) => "bf16",
+                _ => "f32",
+            }
+            .into(),
         }
     }
 }

@@ -14,14 +14,46 @@ use crate::pb::{ElementType as DType, TensorChunk};
 /// Payload bytes per chunk (1 MiB: far under gRPC's 4 MiB message limit).
 pub const CHUNK_BYTES: usize = 1 << 20;
 
-/// The canonical digest of a tensor set (f32, name order).
+/// The canonical digest of a tensor set sent as f32 (name order).
 pub fn digest(map: &TensorMap) -> Vec<u8> {
+    digest_as(map, DType::F32)
+}
+
+/// The digest of a tensor set as sent in `dtype` (the bytes on the wire are hashed).
+pub fn digest_as(map: &TensorMap, dtype: DType) -> Vec<u8> {
     let mut h = Sha256::new();
     for (name, t) in map {
-        hash_header(&mut h, name, &t.shape, DType::F32);
-        h.update(bytemuck::cast_slice::<f32, u8>(&t.data));
+        hash_header(&mut h, name, &t.shape, dtype);
+        h.update(encode(&t.data, dtype));
     }
     h.finalize().to_vec()
+}
+
+/// Little-endian bytes of `data` in `dtype`.
+pub fn encode(data: &[f32], dtype: DType) -> std::borrow::Cow<'_, [u8]> {
+    match dtype {
+        DType::F32 => std::borrow::Cow::Borrowed(bytemuck::cast_slice(data)),
+        DType::F16 => std::borrow::Cow::Owned(
+            data.iter()
+                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                .collect(),
+        ),
+        DType::Bf16 => std::borrow::Cow::Owned(
+            data.iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                .collect(),
+        ),
+    }
+}
+
+/// Parses "f32", "f16" or "bf16".
+pub fn parse_dtype(s: &str) -> Option<DType> {
+    match s {
+        "f32" => Some(DType::F32),
+        "f16" => Some(DType::F16),
+        "bf16" => Some(DType::Bf16),
+        _ => None,
+    }
 }
 
 fn hash_header(h: &mut Sha256, name: &str, shape: &[usize], dtype: DType) {
@@ -33,15 +65,27 @@ fn hash_header(h: &mut Sha256, name: &str, shape: &[usize], dtype: DType) {
     h.update([dtype as i32 as u8]);
 }
 
-/// Total payload bytes of a tensor set.
+/// Total payload bytes of a tensor set sent as f32.
 pub fn total_bytes(map: &TensorMap) -> u64 {
-    map.values().map(|t| t.data.len() as u64 * 4).sum()
+    total_bytes_as(map, DType::F32)
 }
 
-/// The chunks of a tensor set, in order, made lazily (one chunk in memory at a time).
+pub fn total_bytes_as(map: &TensorMap, dtype: DType) -> u64 {
+    map.values()
+        .map(|t| t.data.len() as u64 * elem_size(dtype))
+        .sum()
+}
+
+/// The chunks of a tensor set as f32, in order, made lazily.
 pub fn chunk_tensors(map: &TensorMap) -> impl Iterator<Item = TensorChunk> + '_ {
-    map.iter().flat_map(|(name, t)| {
-        let bytes: &[u8] = bytemuck::cast_slice(&t.data);
+    chunk_tensors_as(map, DType::F32)
+}
+
+/// The chunks of a tensor set in `dtype`, in order, made lazily (one tensor's bytes in
+/// memory at a time).
+pub fn chunk_tensors_as(map: &TensorMap, dtype: DType) -> impl Iterator<Item = TensorChunk> + '_ {
+    map.iter().flat_map(move |(name, t)| {
+        let bytes = Bytes::from(encode(&t.data, dtype).into_owned());
         let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
         // A zero-sized tensor still gets one (empty) chunk so its name and shape arrive.
         let n = bytes.len().div_ceil(CHUNK_BYTES).max(1);
@@ -51,9 +95,9 @@ pub fn chunk_tensors(map: &TensorMap) -> impl Iterator<Item = TensorChunk> + '_ 
             TensorChunk {
                 name: name.clone(),
                 shape: shape.clone(),
-                dtype: DType::F32 as i32,
+                dtype: dtype as i32,
                 offset: start as u64,
-                data: Bytes::copy_from_slice(&bytes[start..end]),
+                data: bytes.slice(start..end),
             }
         })
     })
@@ -64,6 +108,8 @@ pub fn chunk_tensors(map: &TensorMap) -> impl Iterator<Item = TensorChunk> + '_ 
 pub struct Limits {
     pub max_tensors: usize,
     pub max_total_bytes: u64,
+    /// The only element type accepted; `None` accepts f32, f16 and bf16.
+    pub dtype: Option<DType>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -97,7 +143,7 @@ pub enum AssemblyError {
         expected: u64,
         found: u64,
     },
-    #[error("tensor {name}: unsupported dtype {dtype}")]
+    #[error("tensor {name}: element type {dtype} is not the one the task asks for")]
     DType { name: String, dtype: i32 },
     #[error("more than {0} tensors")]
     TooManyTensors(usize),
@@ -173,10 +219,13 @@ impl Assembler {
             if self.tensors.len() >= self.limits.max_tensors {
                 return Err(AssemblyError::TooManyTensors(self.limits.max_tensors));
             }
-            let dtype = DType::try_from(chunk.dtype).map_err(|_| AssemblyError::DType {
-                name: chunk.name.clone(),
-                dtype: chunk.dtype,
-            })?;
+            let dtype = DType::try_from(chunk.dtype)
+                .ok()
+                .filter(|d| self.limits.dtype.is_none_or(|want| want == *d))
+                .ok_or_else(|| AssemblyError::DType {
+                    name: chunk.name.clone(),
+                    dtype: chunk.dtype,
+                })?;
             let elems = chunk
                 .shape
                 .iter()
@@ -330,6 +379,7 @@ mod tests {
         Limits {
             max_tensors: 10,
             max_total_bytes: 1 << 30,
+            dtype: None,
         }
     }
 
@@ -348,6 +398,42 @@ mod tests {
         assert_eq!(chunks.len(), 1 + 3 + 1);
         assert!(chunks.iter().all(|c| c.data.len() <= CHUNK_BYTES));
         assert_eq!(assemble(chunks, &m).unwrap(), m);
+    }
+
+    #[test]
+    fn half_precision_round_trip() {
+        let m = sample();
+        for dt in [DType::F16, DType::Bf16] {
+            let mut a = Assembler::new(Limits {
+                dtype: Some(dt),
+                ..limits()
+            });
+            for c in chunk_tensors_as(&m, dt) {
+                a.push(c).unwrap();
+            }
+            let got = a
+                .finish(m.len() as u64, total_bytes_as(&m, dt), &digest_as(&m, dt))
+                .unwrap();
+            // Relative precision: 11 significant bits for f16, 8 for bf16; f16 saturates
+            // to infinity from 65520 on.
+            let tol = if dt == DType::F16 { 1e-3 } else { 1e-2 };
+            for (n, t) in &m {
+                for (a, b) in t.data.iter().zip(&got[n].data) {
+                    if dt == DType::F16 && a.abs() >= 65520.0 {
+                        assert!(b.is_infinite());
+                    } else {
+                        assert!((a - b).abs() <= tol * a.abs().max(1e-3), "{n}: {a} vs {b}");
+                    }
+                }
+            }
+        }
+        // A receiver that wants f32 refuses f16 chunks.
+        let mut a = Assembler::new(Limits {
+            dtype: Some(DType::F32),
+            ..limits()
+        });
+        let c = chunk_tensors_as(&m, DType::F16).next().unwrap();
+        assert!(matches!(a.push(c), Err(AssemblyError::DType { .. })));
     }
 
     #[test]
@@ -388,8 +474,64 @@ mod tests {
         let mut a = Assembler::new(Limits {
             max_tensors: 10,
             max_total_bytes: 100,
+            dtype: None,
         });
         let err = chunk_tensors(&m).try_for_each(|c| a.push(c)).unwrap_err();
         assert_eq!(err, AssemblyError::TooLarge(100));
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+        use prost::Message;
+
+        fn chunk() -> impl Strategy<Value = TensorChunk> {
+            (
+                prop_oneof!["a", "b", "c", "[a-z.]{0,300}"],
+                prop::collection::vec(prop_oneof![0u64..5, any::<u64>()], 0..10),
+                -2i32..5,
+                prop_oneof![0u64..64, any::<u64>()],
+                prop::collection::vec(any::<u8>(), 0..64),
+            )
+                .prop_map(|(name, shape, dtype, offset, data)| TensorChunk {
+                    name,
+                    shape,
+                    dtype,
+                    offset,
+                    data: data.into(),
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            /// Arbitrary chunk sequences end in a value or an error, never a panic.
+            #[test]
+            fn reassembly_never_panics(chunks in prop::collection::vec(chunk(), 0..12),
+                                        tensors in 0u64..5, bytes in 0u64..1000,
+                                        digest in prop::collection::vec(any::<u8>(), 0..40),
+                                        max in 0u64..2000) {
+                let mut a = Assembler::new(Limits { max_tensors: 4, max_total_bytes: max, dtype: None });
+                let mut failed = false;
+                for c in chunks {
+                    if a.push(c).is_err() {
+                        failed = true;
+                        break;
+                    }
+                }
+                if !failed {
+                    let _ = a.finish(tensors, bytes, &digest);
+                }
+            }
+
+            /// Arbitrary bytes decode to a message or an error.
+            #[test]
+            fn decoding_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+                let _ = crate::pb::UpdateChunk::decode(bytes.as_slice());
+                let _ = crate::pb::ModelChunk::decode(bytes.as_slice());
+                let _ = crate::pb::JoinRequest::decode(bytes.as_slice());
+                let _ = crate::pb::EmbedRequest::decode(bytes.as_slice());
+            }
+        }
     }
 }
