@@ -74,6 +74,7 @@ pub fn coordinator_config(
             seed: 1,
             device: "cpu".into(),
             max_concurrent_uploads: 4,
+            max_concurrent_downloads: 16,
         },
         updates: UpdateRules::default(),
         task: TaskConfig::default(),

@@ -14,6 +14,8 @@ use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Preset {
+    /// A tiny BERT (2 layers, hidden 64) for fast experiments with the real vocabulary.
+    Tiny,
     /// bert-base-uncased shapes (12 layers, hidden 768), random weights.
     BertBase,
     /// all-MiniLM-L6-v2 shapes (6 layers, hidden 384), random weights.
@@ -95,10 +97,7 @@ pub fn run_bench(cmd: BenchCmd) -> Result<()> {
             Encoder::load(dir, &device).with_context(|| format!("loading {}", dir.display()))?
         }
         (None, Some(preset)) => {
-            let config = match preset {
-                Preset::BertBase => BertConfig::bert_base(),
-                Preset::Minilm => BertConfig::minilm_l6(),
-            };
+            let config = preset.config();
             let tokenizer = TextTokenizer::from_dir(&cmd.tokenizer)
                 .with_context(|| format!("tokenizer from {}", cmd.tokenizer.display()))?;
             Encoder::from_parts(
@@ -237,5 +236,49 @@ pub fn run_bench(cmd: BenchCmd) -> Result<()> {
         });
         std::fs::write(path, serde_json::to_string_pretty(&v)?)?;
     }
+    Ok(())
+}
+
+impl Preset {
+    pub fn config(self) -> BertConfig {
+        match self {
+            Preset::Tiny => BertConfig::new(30522, 64, 2, 4, 128),
+            Preset::BertBase => BertConfig::bert_base(),
+            Preset::Minilm => BertConfig::minilm_l6(),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct InitModelCmd {
+    /// Output directory (a HuggingFace BERT directory).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Shapes to use.
+    #[arg(long, value_enum, default_value_t = Preset::Tiny)]
+    pub preset: Preset,
+    /// Directory with the tokenizer (tokenizer.json or vocab.txt) to copy; its vocabulary
+    /// size must match the preset's (30522).
+    #[arg(long, default_value = "models/all-MiniLM-L6-v2")]
+    pub tokenizer: PathBuf,
+    #[arg(long, default_value_t = 48)]
+    pub seed: u64,
+}
+
+/// `fedmicse init-model`: a randomly initialised BERT checkpoint, for experiments and
+/// benchmarks of the federation machinery.
+pub fn run_init_model(cmd: InitModelCmd) -> Result<()> {
+    let device = fedmicse_encoder::device::cpu();
+    device.seed(cmd.seed);
+    let config = cmd.preset.config();
+    let tokenizer = TextTokenizer::from_dir(&cmd.tokenizer)
+        .with_context(|| format!("tokenizer from {}", cmd.tokenizer.display()))?;
+    let model = BertModel::random(&config, true, &device);
+    Encoder::from_parts(model, tokenizer, config, &device).save(&cmd.out)?;
+    eprintln!(
+        "wrote a random {:?} BERT to {}",
+        cmd.preset,
+        cmd.out.display()
+    );
     Ok(())
 }

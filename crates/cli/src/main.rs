@@ -52,6 +52,8 @@ enum Command {
     Status(fed::StatusCmd),
     /// Measure inference and training throughput and peak memory.
     Bench(bench::BenchCmd),
+    /// Write a randomly initialised BERT checkpoint (for experiments and benchmarks).
+    InitModel(bench::InitModelCmd),
     /// Draw PNG plots: federation rounds, or a 2-D projection of embeddings.
     #[command(subcommand)]
     Plot(plot::PlotCmd),
@@ -71,6 +73,7 @@ fn main() -> std::process::ExitCode {
         Command::Certs(args) => fed::run_certs(args),
         Command::Status(args) => fed::run_status(args),
         Command::Bench(args) => bench::run_bench(args),
+        Command::InitModel(args) => bench::run_init_model(args),
         Command::Plot(args) => plot::run_plot(args),
     };
     match result {

@@ -329,6 +329,7 @@ pub fn run_simulate(cmd: SimulateCmd) -> Result<()> {
             seed: c.seed,
             device: c.device.clone(),
             max_concurrent_uploads: 4,
+            max_concurrent_downloads: 16,
         },
         updates: c.updates.clone(),
         task: c.task.clone(),

@@ -162,6 +162,9 @@ pub struct FederationConfig {
     /// Updates received at once (each is held in memory until checked).
     #[serde(default = "d_uploads")]
     pub max_concurrent_uploads: usize,
+    /// Model downloads streamed at once (a few chunks of memory each).
+    #[serde(default = "d_downloads")]
+    pub max_concurrent_downloads: usize,
 }
 
 fn d_rounds() -> u64 {
@@ -196,6 +199,9 @@ fn d_device() -> String {
 }
 fn d_uploads() -> usize {
     4
+}
+fn d_downloads() -> usize {
+    16
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -299,8 +305,11 @@ impl CoordinatorConfig {
         if f.round_deadline_secs == 0 {
             return Err("federation.round_deadline_secs must be positive".into());
         }
-        if f.max_concurrent_uploads == 0 {
-            return Err("federation.max_concurrent_uploads must be at least 1".into());
+        if f.max_concurrent_uploads == 0 || f.max_concurrent_downloads == 0 {
+            return Err(
+                "federation.max_concurrent_uploads and max_concurrent_downloads must be at least 1"
+                    .into(),
+            );
         }
         if let Some(m) = self.updates.max_norm
             && !(m > 0.0)

@@ -47,6 +47,7 @@ pub(crate) struct Shared {
     serving: ArcSwap<Option<(u64, Arc<Encoder>)>>,
     wake: Notify,
     uploads: Semaphore,
+    downloads: Arc<Semaphore>,
     inference_permits: Semaphore,
     metrics: metrics::Metrics,
     done_tx: watch::Sender<bool>,
@@ -162,6 +163,7 @@ impl Coordinator {
         let (done_tx, _) = watch::channel(matches!(phase, Phase::Done));
         let shared = Arc::new(Shared {
             uploads: Semaphore::new(config.federation.max_concurrent_uploads),
+            downloads: Arc::new(Semaphore::new(config.federation.max_concurrent_downloads)),
             inference_permits: Semaphore::new(config.inference.max_concurrent.max(1)),
             state: std::sync::Mutex::new(State {
                 phase,
@@ -452,18 +454,27 @@ async fn drive(shared: Arc<Shared>) {
         };
         if let Action::Close(open) = action {
             let s = shared.clone();
-            let result = tokio::task::spawn_blocking(move || commit_round(&s, *open)).await;
+            let result = tokio::task::spawn_blocking(move || {
+                let r = commit_round(&s, &open);
+                (r, open)
+            })
+            .await;
             let failed = match result {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e),
-                Err(e) => Some(e.to_string()),
+                Ok((Ok(()), _)) => None,
+                Ok((Err(e), open)) => Some((e, Some(open))),
+                Err(e) => Some((e.to_string(), None)),
             };
-            if let Some(e) = failed {
-                // Nothing was committed: the previous global model stands. Retry the round.
+            if let Some((e, open)) = failed {
+                // Nothing was committed: the previous global model stands. The stored
+                // updates stay on disk and count again when the round reopens.
                 tracing::error!(error = %e, "commit failed; the round will be retried");
                 let mut st = shared.lock();
                 if let Phase::Aggregating { round } = st.phase {
                     st.phase = Phase::Waiting { next: round };
+                    st.recovered = match open {
+                        Some(o) => o.submitted.into_values().collect(),
+                        None => shared.pending.list(round),
+                    };
                 }
             }
             continue;
@@ -476,7 +487,7 @@ async fn drive(shared: Arc<Shared>) {
 }
 
 /// Aggregates a closed round, evaluates, commits and starts serving the new model.
-fn commit_round(shared: &Shared, open: OpenRound) -> Result<(), String> {
+fn commit_round(shared: &Shared, open: &OpenRound) -> Result<(), String> {
     let started = Instant::now();
     tracing::info!(
         round = open.round,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use fedmicse_encoder::TensorMap;
 use fedmicse_encoder::weights::write_atomic;
 use fedmicse_federation::{Strategy, combine};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 
 /// One stored update.
 #[derive(Debug, Clone, PartialEq)]
@@ -114,10 +114,57 @@ impl Pending {
     }
 }
 
+/// The safetensors header of a file, read alone: where the data starts, each tensor's byte
+/// range within the data, and the string metadata.
+struct Header {
+    data_start: u64,
+    ranges: HashMap<String, (u64, u64)>,
+    metadata: HashMap<String, String>,
+}
+
+fn read_header(file: &mut std::fs::File, path: &Path) -> Result<Header, String> {
+    use std::io::Read;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(io(path))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 << 20 {
+        return Err(format!("{}: implausible header size {n}", path.display()));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header).map_err(io(path))?;
+    let json: HashMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| format!("{}: header: {e}", path.display()))?;
+    let mut ranges = HashMap::new();
+    let mut metadata = HashMap::new();
+    for (name, v) in json {
+        if name == "__metadata__" {
+            if let Some(m) = v.as_object() {
+                for (k, v) in m {
+                    metadata.insert(k.clone(), v.as_str().unwrap_or_default().to_string());
+                }
+            }
+            continue;
+        }
+        let offsets = v
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .and_then(|o| Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?)))
+            .ok_or_else(|| format!("{}: {name}: no data_offsets", path.display()))?;
+        if v.get("dtype").and_then(|d| d.as_str()) != Some("F32") {
+            return Err(format!("{}: {name}: not f32", path.display()));
+        }
+        ranges.insert(name, offsets);
+    }
+    Ok(Header {
+        data_start: 8 + n,
+        ranges,
+        metadata,
+    })
+}
+
 fn read_meta(path: &Path) -> Result<Stored, String> {
-    let bytes = std::fs::read(path).map_err(io(path))?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| e.to_string())?;
-    let m = meta.metadata().clone().unwrap_or_default();
+    let mut file = std::fs::File::open(path).map_err(io(path))?;
+    let m = read_header(&mut file, path)?.metadata;
     let get = |k: &str| {
         m.get(k)
             .cloned()
@@ -137,53 +184,68 @@ fn read_meta(path: &Path) -> Result<Stored, String> {
 /// aggregation is this times the number of updates, not the model size.
 const SLICE: usize = 1 << 20;
 
-/// Combines stored updates into one step, tensor by tensor and slice by slice, reading the
-/// files through memory maps.
+/// A stored update opened for slice reads: its tensors' byte ranges from the header.
+struct Opened {
+    file: std::fs::File,
+    data_start: u64,
+    ranges: HashMap<String, (u64, u64)>,
+}
+
+impl Opened {
+    fn open(path: &Path) -> Result<Self, String> {
+        let mut file = std::fs::File::open(path).map_err(io(path))?;
+        let h = read_header(&mut file, path)?;
+        Ok(Opened {
+            file,
+            data_start: h.data_start,
+            ranges: h.ranges,
+        })
+    }
+
+    /// Elements `[from, to)` of tensor `name` into `out` (positioned reads, no mapping, so
+    /// the process holds only the slice).
+    fn read(&self, name: &str, from: usize, out: &mut [f32]) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        let (start, end) = *self
+            .ranges
+            .get(name)
+            .ok_or_else(|| format!("lacks {name}"))?;
+        let offset = start + from as u64 * 4;
+        if offset + out.len() as u64 * 4 > end {
+            return Err(format!("{name}: shorter than expected"));
+        }
+        self.file
+            .read_exact_at(bytemuck::cast_slice_mut(out), self.data_start + offset)
+            .map_err(|e| format!("{name}: {e}"))
+    }
+}
+
+/// Combines stored updates into one step, tensor by tensor and slice by slice.
 pub fn aggregate(
     stored: &[Stored],
     expected: &BTreeMap<String, Vec<usize>>,
     strategy: Strategy,
     trim_fraction: f64,
 ) -> Result<TensorMap, String> {
-    let maps = stored
+    let files = stored
         .iter()
-        .map(|s| {
-            let f = std::fs::File::open(&s.path).map_err(io(&s.path))?;
-            // SAFETY: the files are written once (atomically renamed) and never modified.
-            unsafe { memmap2::Mmap::map(&f) }.map_err(io(&s.path))
-        })
-        .collect::<Result<Vec<_>, String>>()?;
-    let parsed = maps
-        .iter()
-        .zip(stored)
-        .map(|(m, s)| SafeTensors::deserialize(m).map_err(|e| format!("{}: {e}", s.path.display())))
+        .map(|s| Opened::open(&s.path))
         .collect::<Result<Vec<_>, String>>()?;
     let weights: Vec<f64> = stored.iter().map(|s| s.num_samples as f64).collect();
     let scales: Vec<f64> = stored.iter().map(|s| s.scale).collect();
+    let mut buffers = vec![vec![0f32; SLICE]; stored.len()];
     let mut out = TensorMap::new();
     for (name, shape) in expected {
-        let datas = parsed
-            .iter()
-            .zip(stored)
-            .map(|(p, s)| {
-                let v = p
-                    .tensor(name)
-                    .map_err(|e| format!("{}: {name}: {e}", s.path.display()))?;
-                Ok(floats(v.data()))
-            })
-            .collect::<Result<Vec<_>, String>>()?;
         let len: usize = shape.iter().product();
-        if let Some(bad) = datas.iter().position(|d| d.len() != len) {
-            return Err(format!(
-                "{}: {name} has the wrong size",
-                stored[bad].path.display()
-            ));
-        }
         let mut combined = vec![0f32; len];
         let mut start = 0;
         while start < len {
             let end = (start + SLICE).min(len);
-            let cols: Vec<&[f32]> = datas.iter().map(|d| &d[start..end]).collect();
+            for ((f, buf), s) in files.iter().zip(buffers.iter_mut()).zip(stored) {
+                f.read(name, start, &mut buf[..end - start])
+                    .map_err(|e| format!("{}: {e}", s.path.display()))?;
+            }
+            let cols: Vec<&[f32]> = buffers.iter().map(|b| &b[..end - start]).collect();
             combine(
                 strategy,
                 trim_fraction,
@@ -200,14 +262,6 @@ pub fn aggregate(
         );
     }
     Ok(out)
-}
-
-/// f32 values of little-endian bytes, without a copy when aligned.
-fn floats(bytes: &[u8]) -> std::borrow::Cow<'_, [f32]> {
-    match bytemuck::try_cast_slice::<u8, f32>(bytes) {
-        Ok(s) => std::borrow::Cow::Borrowed(s),
-        Err(_) => std::borrow::Cow::Owned(bytemuck::pod_collect_to_vec(bytes)),
-    }
 }
 
 #[cfg(test)]

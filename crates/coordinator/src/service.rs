@@ -170,8 +170,13 @@ impl Federation for FederationService {
         }
         let global = self.shared.global.load_full();
         let shared = self.shared.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<ModelChunk, Status>>(4);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<ModelChunk, Status>>(2);
+        let downloads = self.shared.downloads.clone();
         tokio::spawn(async move {
+            // Bounded memory: a few chunks per download, a bounded number of downloads.
+            let Ok(_permit) = downloads.acquire_owned().await else {
+                return;
+            };
             let header = ModelHeader {
                 round: global.round,
                 tensor_count: global.tensors.len() as u32,

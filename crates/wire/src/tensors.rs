@@ -81,23 +81,23 @@ pub fn chunk_tensors(map: &TensorMap) -> impl Iterator<Item = TensorChunk> + '_ 
     chunk_tensors_as(map, DType::F32)
 }
 
-/// The chunks of a tensor set in `dtype`, in order, made lazily (one tensor's bytes in
-/// memory at a time).
+/// The chunks of a tensor set in `dtype`, in order, made lazily: one chunk's bytes exist
+/// at a time, so streaming a model costs a chunk of memory, not a copy of the model.
 pub fn chunk_tensors_as(map: &TensorMap, dtype: DType) -> impl Iterator<Item = TensorChunk> + '_ {
+    let per_chunk = CHUNK_BYTES / elem_size(dtype) as usize;
     map.iter().flat_map(move |(name, t)| {
-        let bytes = Bytes::from(encode(&t.data, dtype).into_owned());
         let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
         // A zero-sized tensor still gets one (empty) chunk so its name and shape arrive.
-        let n = bytes.len().div_ceil(CHUNK_BYTES).max(1);
+        let n = t.data.len().div_ceil(per_chunk).max(1);
         (0..n).map(move |i| {
-            let start = i * CHUNK_BYTES;
-            let end = (start + CHUNK_BYTES).min(bytes.len());
+            let start = i * per_chunk;
+            let end = (start + per_chunk).min(t.data.len());
             TensorChunk {
                 name: name.clone(),
                 shape: shape.clone(),
                 dtype: dtype as i32,
-                offset: start as u64,
-                data: bytes.slice(start..end),
+                offset: start as u64 * elem_size(dtype),
+                data: Bytes::from(encode(&t.data[start..end], dtype).into_owned()),
             }
         })
     })
