@@ -351,6 +351,7 @@ impl Trainer {
             )));
         }
         let started = std::time::Instant::now();
+        fedmicse_encoder::device::prefer_blas_threads(fedmicse_encoder::device::Workload::Training);
         let b = sentences.len();
         let doubled: Vec<&str> = sentences.iter().chain(sentences).copied().collect();
         let batch = self.tokenizer.encode_batch(&doubled, self.config.max_len)?;
@@ -401,11 +402,22 @@ impl Trainer {
             .ami
             .as_ref()
             .map(|a| a.clone().into_scalar::<f32>() as f64);
+        let forward_done = started.elapsed();
         let grads = parts.loss.backward();
         let mut grads = GradientsParams::from_grads(grads, &model);
+        let backward_done = started.elapsed();
         let grad_norm = clip_global_norm(&model, &mut grads, self.config.max_grad_norm);
+        let clip_done = started.elapsed();
         let lr = self.config.lr_at(self.step);
         let model = self.optim.step(lr, model, grads);
+        // Where a step's time goes (on CPU; GPU backends run asynchronously).
+        tracing::debug!(
+            forward_s = forward_done.as_secs_f64(),
+            backward_s = (backward_done - forward_done).as_secs_f64(),
+            clip_s = (clip_done - backward_done).as_secs_f64(),
+            optimizer_s = (started.elapsed() - clip_done).as_secs_f64(),
+            "step timing"
+        );
         self.model = Some(model);
         self.step += 1;
         Ok(StepMetrics {
