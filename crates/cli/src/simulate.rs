@@ -462,12 +462,14 @@ pub fn plot_rounds(path: &Path, history: &[RoundRecord]) -> Result<()> {
             x_label: "round".into(),
             y_label: "Spearman".into(),
             series: vec![Series::marked("dev", pts(&|r| r.stsb_dev))],
+            y_from_zero: false,
         },
         Panel {
             title: "Mean local training loss".into(),
             x_label: "round".into(),
             y_label: "loss".into(),
             series: vec![Series::marked("loss", pts(&|r| r.mean_loss))],
+            y_from_zero: false,
         },
         Panel {
             title: "Traffic per round".into(),
@@ -483,6 +485,7 @@ pub fn plot_rounds(path: &Path, history: &[RoundRecord]) -> Result<()> {
                     pts(&|r| (r.round > 0).then(|| mb(r.bytes_down))),
                 ),
             ],
+            y_from_zero: true,
         },
     ];
     line_panels(path, "fedmicse federation", &panels, 900).map_err(anyhow::Error::msg)

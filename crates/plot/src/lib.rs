@@ -64,6 +64,9 @@ pub struct Panel {
     pub x_label: String,
     pub y_label: String,
     pub series: Vec<Series>,
+    /// Start the y axis at 0 (quantities such as bytes, where a zoomed axis would make
+    /// equal values look different).
+    pub y_from_zero: bool,
 }
 
 fn err(path: &Path, e: impl std::fmt::Display) -> PlotError {
@@ -103,6 +106,29 @@ fn color(i: usize) -> RGBColor {
     COLORS[i % COLORS.len()]
 }
 
+/// The corner of the plot area with the fewest data points near it, for the legend.
+fn legend_corner(series: &[Series], xs: (f64, f64), ys: (f64, f64)) -> SeriesLabelPosition {
+    let corners = [
+        (SeriesLabelPosition::UpperRight, 1.0, 1.0),
+        (SeriesLabelPosition::UpperLeft, 0.0, 1.0),
+        (SeriesLabelPosition::LowerRight, 1.0, 0.0),
+        (SeriesLabelPosition::LowerLeft, 0.0, 0.0),
+    ];
+    let unit = |v: f64, (lo, hi): (f64, f64)| (v - lo) / (hi - lo).max(1e-12);
+    let crowding = |cx: f64, cy: f64| {
+        series
+            .iter()
+            .flat_map(|s| s.points.iter())
+            .filter(|p| (unit(p.0, xs) - cx).abs() < 0.35 && (unit(p.1, ys) - cy).abs() < 0.3)
+            .count()
+    };
+    corners
+        .into_iter()
+        .min_by_key(|&(_, cx, cy)| crowding(cx, cy))
+        .map(|(position, _, _)| position)
+        .unwrap_or(SeriesLabelPosition::UpperRight)
+}
+
 /// Panels stacked vertically in one PNG, `width` pixels wide, 320 pixels per panel.
 pub fn line_panels(path: &Path, title: &str, panels: &[Panel], width: u32) -> Result<()> {
     fonts();
@@ -118,12 +144,18 @@ pub fn line_panels(path: &Path, title: &str, panels: &[Panel], width: u32) -> Re
                 .iter()
                 .flat_map(|s| s.points.iter().map(|p| p.0)),
         );
-        let ys = span(
+        let mut ys = span(
             panel
                 .series
                 .iter()
                 .flat_map(|s| s.points.iter().map(|p| p.1)),
         );
+        if panel.y_from_zero {
+            ys = (ys.0.min(0.0), ys.1.max(0.0) * 1.1);
+        }
+        // x is a step or round number: integer ticks, never more than one per unit.
+        let x_ticks = ((xs.1 - xs.0).floor() as usize + 1).clamp(2, 10);
+        let legend_at = legend_corner(&panel.series, xs, ys);
         let mut chart = ChartBuilder::on(area)
             .caption(&panel.title, (FAMILY, 18))
             .margin(12)
@@ -133,6 +165,8 @@ pub fn line_panels(path: &Path, title: &str, panels: &[Panel], width: u32) -> Re
             .map_err(|e| err(path, e))?;
         chart
             .configure_mesh()
+            .x_labels(x_ticks)
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .x_desc(&panel.x_label)
             .y_desc(&panel.y_label)
             .label_style((FAMILY, 13))
@@ -160,13 +194,14 @@ pub fn line_panels(path: &Path, title: &str, panels: &[Panel], width: u32) -> Re
                     .map_err(|e| err(path, e))?;
             }
         }
-        if panel.series.len() > 1 || panel.series.iter().any(|s| !s.label.is_empty()) {
+        // A single series is named by the panel's title; a legend would only hide data.
+        if panel.series.len() > 1 {
             chart
                 .configure_series_labels()
                 .label_font((FAMILY, 13))
                 .background_style(WHITE.mix(0.85))
                 .border_style(BLACK.mix(0.3))
-                .position(SeriesLabelPosition::UpperRight)
+                .position(legend_at)
                 .draw()
                 .map_err(|e| err(path, e))?;
         }
@@ -250,6 +285,7 @@ mod tests {
                 ),
                 Series::marked("dev", vec![(10.0, 0.5), (20.0, 0.3)]),
             ],
+            y_from_zero: false,
         };
         line_panels(&p, "training", &[panel.clone(), panel], 800).unwrap();
         let bytes = std::fs::read(&p).unwrap();

@@ -303,6 +303,7 @@ pub fn plot_training(path: &Path, steps: &[StepMetrics], evals: &[(usize, f64)])
             Series::line("total", xy(&|m| Some(m.loss))),
             Series::line("InfoNCE", xy(&|m| Some(m.info_nce))),
         ],
+        y_from_zero: false,
     }];
     let ami = xy(&|m| m.ami);
     if !ami.is_empty() {
@@ -311,6 +312,7 @@ pub fn plot_training(path: &Path, steps: &[StepMetrics], evals: &[(usize, f64)])
             x_label: "step".into(),
             y_label: "AMI".into(),
             series: vec![Series::line("AMI", ami)],
+            y_from_zero: false,
         });
     }
     if !evals.is_empty() {
@@ -322,6 +324,7 @@ pub fn plot_training(path: &Path, steps: &[StepMetrics], evals: &[(usize, f64)])
                 "dev",
                 evals.iter().map(|&(s, v)| (s as f64, v)).collect(),
             )],
+            y_from_zero: false,
         });
     }
     line_panels(path, "fedmicse training", &panels, 900)
