@@ -296,6 +296,20 @@ fn save_then_load_is_identical() {
     ] {
         assert!(out.path().join(f).is_file(), "{f} written");
     }
+    // sentence-transformers metadata: the BERT module, then [CLS] pooling of its width.
+    let modules: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("modules.json")).unwrap()).unwrap();
+    assert_eq!(modules[1]["path"], "1_Pooling");
+    assert_eq!(modules[1]["type"], "sentence_transformers.models.Pooling");
+    let pooling: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("1_Pooling/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(pooling["pooling_mode_cls_token"], true);
+    assert_eq!(pooling["pooling_mode_mean_tokens"], false);
+    assert_eq!(
+        pooling["word_embedding_dimension"],
+        original.config.hidden_size
+    );
     // The weights written are bit-identical to the checkpoint's, under the same names.
     assert_eq!(
         read_safetensors_map(&out.path().join("model.safetensors")).unwrap(),

@@ -428,10 +428,7 @@ pub fn run_simulate(cmd: SimulateCmd) -> Result<()> {
         std::fs::remove_dir_all(&global)?;
     }
     std::fs::create_dir_all(&global)?;
-    for entry in std::fs::read_dir(&last_dir)? {
-        let p = entry?.path();
-        std::fs::copy(&p, global.join(p.file_name().expect("file name")))?;
-    }
+    copy_dir(&last_dir, &global)?;
     if let (Some(first), Some(last)) = (history.first(), history.last())
         && let (Some(a), Some(b)) = (first.stsb_dev, last.stsb_dev)
     {
@@ -444,6 +441,21 @@ pub fn run_simulate(cmd: SimulateCmd) -> Result<()> {
         "wrote {0}/rounds.json, {0}/rounds.png and the final model {0}/global/",
         out.display()
     );
+    Ok(())
+}
+
+/// Copies a checkpoint directory (files and the sentence-transformers `1_Pooling/`).
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
     Ok(())
 }
 

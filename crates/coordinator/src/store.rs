@@ -131,7 +131,8 @@ impl Store {
                 .and_then(|n| n.to_str())
                 .unwrap_or_default()
                 .to_string();
-            if name.ends_with(".json") || name == "vocab.txt" {
+            let metadata = fedmicse_encoder::SENTENCE_TRANSFORMERS_FILES.contains(&name.as_str());
+            if (name.ends_with(".json") || name == "vocab.txt") && !metadata {
                 files.push((name, std::fs::read(&p).map_err(io(&p))?));
             }
         }
@@ -188,6 +189,14 @@ impl Store {
         }
         for (name, bytes) in &model.files {
             write_atomic(&tmp.join(name), bytes).map_err(|e| e.to_string())?;
+        }
+        // So that `SentenceTransformer(checkpoint)` pools [CLS] like the coordinator does.
+        if let Some((_, bytes)) = model.files.iter().find(|(n, _)| n == "config.json") {
+            let text = String::from_utf8_lossy(bytes);
+            let config = fedmicse_encoder::BertConfig::from_json(&text, &tmp.join("config.json"))
+                .map_err(|e| e.to_string())?;
+            fedmicse_encoder::write_sentence_transformers_files(&tmp, &config)
+                .map_err(|e| e.to_string())?;
         }
         let server = server_state.to_map();
         if !server.is_empty() {

@@ -77,6 +77,65 @@ const TOKENIZER_FILES: &[&str] = &[
     "special_tokens_map.json",
 ];
 
+/// sentence-transformers metadata written beside a saved checkpoint (not model files: loaders
+/// of fedmicse checkpoints skip them).
+pub const SENTENCE_TRANSFORMERS_FILES: &[&str] = &[
+    "modules.json",
+    "sentence_bert_config.json",
+    "1_Pooling/config.json",
+];
+
+/// The sentence-transformers description of a checkpoint: the BERT module followed by [CLS]
+/// pooling, so `SentenceTransformer(DIR)` gives the miCSE embedding that `embed` gives by
+/// default (a plain BERT directory would get mean pooling). Paths as in
+/// [`SENTENCE_TRANSFORMERS_FILES`].
+pub fn sentence_transformers_files(config: &BertConfig) -> Vec<(String, Vec<u8>)> {
+    let json = |v: serde_json::Value| serde_json::to_vec_pretty(&v).expect("json");
+    vec![
+        (
+            "modules.json".into(),
+            json(serde_json::json!([
+                {"idx": 0, "name": "0", "path": "",
+                 "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling",
+                 "type": "sentence_transformers.models.Pooling"},
+            ])),
+        ),
+        (
+            "sentence_bert_config.json".into(),
+            json(serde_json::json!({
+                "max_seq_length": config.max_position_embeddings.min(512),
+                "do_lower_case": false,
+            })),
+        ),
+        (
+            "1_Pooling/config.json".into(),
+            json(serde_json::json!({
+                "word_embedding_dimension": config.hidden_size,
+                "pooling_mode_cls_token": true,
+                "pooling_mode_mean_tokens": false,
+                "pooling_mode_max_tokens": false,
+                "pooling_mode_mean_sqrt_len_tokens": false,
+                "pooling_mode_weightedmean_tokens": false,
+                "pooling_mode_lasttoken": false,
+                "include_prompt": true,
+            })),
+        ),
+    ]
+}
+
+/// Writes [`sentence_transformers_files`] into a checkpoint directory.
+pub fn write_sentence_transformers_files(dir: &Path, config: &BertConfig) -> Result<()> {
+    for (name, bytes) in sentence_transformers_files(config) {
+        let path = dir.join(&name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        weights::write_atomic(&path, &bytes)?;
+    }
+    Ok(())
+}
+
 /// A BERT sentence encoder on a device.
 pub struct Encoder {
     pub model: BertModel,
@@ -182,7 +241,7 @@ impl Encoder {
         for (name, bytes) in self.files()? {
             weights::write_atomic(&dir.join(name), &bytes)?;
         }
-        Ok(())
+        write_sentence_transformers_files(dir, &self.config)
     }
 
     /// Every file of a saved checkpoint except the weights: `config.json`, `tokenizer.json`

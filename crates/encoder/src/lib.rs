@@ -17,7 +17,10 @@ pub mod weights;
 pub use burn;
 pub use config::BertConfig;
 pub use device::parse_device;
-pub use encoder::{EmbedOptions, Encoder, Pooling, cls, cosine, l2_normalize, mean_pool};
+pub use encoder::{
+    EmbedOptions, Encoder, Pooling, SENTENCE_TRANSFORMERS_FILES, cls, cosine, l2_normalize,
+    mean_pool, sentence_transformers_files, write_sentence_transformers_files,
+};
 pub use error::{EncoderError, Result};
 pub use model::{BatchTensors, BertModel, BertOutput, Dropout, ForwardOptions};
 pub use tokenize::{TextTokenizer, TokenBatch, Tokens};
