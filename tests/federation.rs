@@ -120,36 +120,12 @@ async fn a_round_with_three_agents_is_exactly_fedavg_and_inference_serves_it() {
         .await
         .unwrap();
     assert_eq!(resp.model_round, 1);
-    let out = Command::new(env!("CARGO_BIN_EXE_fedmicse"))
-        .args([
-            "embed",
-            "--pooling",
-            "mean",
-            "--normalize",
-            "--max-len",
-            "128",
-            "--model",
-        ])
-        .arg(&ckpt)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin
-                .take()
-                .unwrap()
-                .write_all(sentences.join("\n").as_bytes())
-                .unwrap();
-            c.wait_with_output()
-        })
-        .unwrap();
-    assert!(out.status.success());
-    let cli: Vec<Vec<f32>> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let refs: Vec<&str> = sentences.iter().map(String::as_str).collect();
+    let cli = cli_embed(
+        &ckpt,
+        &["--pooling", "mean", "--normalize", "--max-len", "128"],
+        &refs,
+    );
     assert_eq!(cli.len(), 3);
     for (a, b) in resp.embeddings.iter().zip(&cli) {
         assert!(max_abs_diff(&a.values, b) < 1e-6);

@@ -172,28 +172,7 @@ async fn metrics_http_api_status_and_agent_metrics() {
     // HTTP API against `fedmicse embed` on the round's checkpoint.
     let ckpt = running.checkpoint_dir(1);
     let sentences = ["A man plays a guitar.", "", "Zürich at night"];
-    let out = Command::new(env!("CARGO_BIN_EXE_fedmicse"))
-        .args(["embed", "--normalize", "--max-len", "128", "--model"])
-        .arg(&ckpt)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin
-                .take()
-                .unwrap()
-                .write_all(sentences.join("\n").as_bytes())
-                .unwrap();
-            c.wait_with_output()
-        })
-        .unwrap();
-    assert!(out.status.success());
-    let cli: Vec<Vec<f32>> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let cli = cli_embed(&ckpt, &["--normalize", "--max-len", "128"], &sentences);
     let http2 = http.clone();
     let checks = tokio::task::spawn_blocking(move || {
         let http = http2;

@@ -79,3 +79,36 @@ pub fn sentences(v: &serde_json::Value) -> Vec<String> {
 }
 
 pub mod fed;
+
+/// Runs `fedmicse embed ARGS --model MODEL` with `sentences` on stdin, one per line, and
+/// returns the vectors it prints (JSON lines), asserting that it succeeded.
+pub fn cli_embed(model: &Path, args: &[&str], sentences: &[&str]) -> Vec<Vec<f32>> {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fedmicse"))
+        .arg("embed")
+        .args(args)
+        .arg("--model")
+        .arg(model)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(sentences.join("\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "fedmicse embed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
