@@ -119,39 +119,3 @@ mod tests {
         }
     }
 }
-
-/// What the process is about to compute, for [`prefer_blas_threads`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Workload {
-    /// Forward passes only: OpenBLAS may use every core.
-    Inference,
-    /// Forward and backward passes: burn already spreads the batched matmuls over rayon
-    /// threads, and OpenBLAS threads on top of them slow a MiniLM step by ~13 %
-    /// (BENCHMARKS.md), so OpenBLAS runs single-threaded.
-    Training,
-}
-
-/// Sets OpenBLAS's thread count for `workload` (a process-wide setting; cheap). A no-op in
-/// builds without the `blas` feature, and when the user set `OPENBLAS_NUM_THREADS`.
-pub fn prefer_blas_threads(workload: Workload) {
-    #[cfg(feature = "blas")]
-    {
-        use std::sync::OnceLock;
-        static USER_SET: OnceLock<bool> = OnceLock::new();
-        if *USER_SET.get_or_init(|| std::env::var_os("OPENBLAS_NUM_THREADS").is_some()) {
-            return;
-        }
-        let threads = match workload {
-            Workload::Inference => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            Workload::Training => 1,
-        };
-        unsafe extern "C" {
-            fn openblas_set_num_threads(num_threads: std::ffi::c_int);
-        }
-        // SAFETY: OpenBLAS documents this as callable at any time; it only sets the count
-        // used by calls that start afterwards.
-        unsafe { openblas_set_num_threads(threads as std::ffi::c_int) };
-    }
-    #[cfg(not(feature = "blas"))]
-    let _ = workload;
-}

@@ -361,7 +361,6 @@ impl Encoder {
 
     /// Pooled (and optionally normalised) vectors of one batch, `[batch, hidden]`.
     pub fn embed_batch(&self, batch: &BatchTensors, opts: &EmbedOptions) -> Result<Tensor<2>> {
-        crate::device::prefer_blas_threads(crate::device::Workload::Inference);
         let hidden = self.model.infer(batch);
         let pooled = match opts.pooling {
             Pooling::Cls => cls(hidden),

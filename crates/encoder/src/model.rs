@@ -9,7 +9,7 @@ use std::ops::Range;
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, gelu_approximate, relu, softmax, tanh};
-use burn::tensor::module::{embedding, layer_norm, linear};
+use burn::tensor::module::{embedding, layer_norm};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 
 use rand::{RngCore, SeedableRng};
@@ -38,8 +38,21 @@ impl Dense {
         }
     }
 
+    /// `x W + b` over the last dimension, as one 2-D matmul over all leading rows.
+    ///
+    /// Not `burn::tensor::module::linear`: burn 0.22's run-time dispatch does not route
+    /// `linear` to the backend, and its generic fallback keeps `[batch, seq, in]` as a
+    /// batched matmul against a broadcast weight whenever `seq` is a multiple of 32. Autodiff
+    /// then materialises a per-sequence weight gradient `[batch, in, out]` (288 MiB for
+    /// MiniLM's FFN at batch 128) before summing it, which cost most of a CPU training step.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        linear(x, self.weight.val(), Some(self.bias.val()))
+        let mut dims = x.dims();
+        let d_in = dims[D - 1];
+        let rows = dims[..D - 1].iter().product::<usize>();
+        dims[D - 1] = self.weight.dims()[1];
+        let y =
+            x.reshape([rows, d_in]).matmul(self.weight.val()) + self.bias.val().unsqueeze::<2>();
+        y.reshape(dims)
     }
 }
 

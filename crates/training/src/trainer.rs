@@ -351,7 +351,6 @@ impl Trainer {
             )));
         }
         let started = std::time::Instant::now();
-        fedmicse_encoder::device::prefer_blas_threads(fedmicse_encoder::device::Workload::Training);
         let b = sentences.len();
         let doubled: Vec<&str> = sentences.iter().chain(sentences).copied().collect();
         let batch = self.tokenizer.encode_batch(&doubled, self.config.max_len)?;
