@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use fedmicse_encoder::fused::Kernels;
 use fedmicse_encoder::{
     BatchTensors, Dropout, EmbedOptions, Encoder, ForwardOptions, Pooling, TokenBatch, cls,
     mean_pool,
@@ -86,26 +87,33 @@ fn vocab_txt_tokenizer_matches_tokenizer_json() {
 #[test]
 fn embeddings_match_transformers() {
     let device = fedmicse_encoder::device::cpu();
-    let enc = Encoder::load(minilm(), &device).unwrap();
+    let mut enc = Encoder::load(minilm(), &device).unwrap();
     let tokens = fixture("minilm_tokens.json");
     let fx = fixture("minilm_embeddings.json");
-    for key in ["max_len_32", "max_len_128"] {
-        let batch = BatchTensors::new(&fixture_batch(&tokens, key), &device);
-        let want = &fx["embeddings"][key];
-        for (pooling, field) in [
-            (Pooling::Cls, "cls"),
-            (Pooling::Mean, "mean"),
-            (Pooling::Pooler, "pooler_output"),
-        ] {
-            let opts = EmbedOptions {
-                pooling,
-                ..Default::default()
-            };
-            let got = enc.embed_batch(&batch, &opts).unwrap();
-            let got: Vec<f32> = got.into_data().try_into_vec().unwrap();
-            let want: Vec<f32> = rows_f32(&want[field]).concat();
-            let diff = max_abs_diff(&got, &want);
-            assert!(diff < 1e-4, "{key} {field}: max abs diff {diff}");
+    // The fused CPU kernels (the default) and their composed twin both match transformers.
+    for kernels in [Kernels::Fused, Kernels::Composed] {
+        enc.model.dims.kernels = kernels;
+        for key in ["max_len_32", "max_len_128"] {
+            let batch = BatchTensors::new(&fixture_batch(&tokens, key), &device);
+            let want = &fx["embeddings"][key];
+            for (pooling, field) in [
+                (Pooling::Cls, "cls"),
+                (Pooling::Mean, "mean"),
+                (Pooling::Pooler, "pooler_output"),
+            ] {
+                let opts = EmbedOptions {
+                    pooling,
+                    ..Default::default()
+                };
+                let got = enc.embed_batch(&batch, &opts).unwrap();
+                let got: Vec<f32> = got.into_data().try_into_vec().unwrap();
+                let want: Vec<f32> = rows_f32(&want[field]).concat();
+                let diff = max_abs_diff(&got, &want);
+                assert!(
+                    diff < 1e-4,
+                    "{kernels:?} {key} {field}: max abs diff {diff}"
+                );
+            }
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod device;
 pub mod encoder;
 pub mod error;
+pub mod fused;
 pub mod model;
 pub mod tokenize;
 pub mod weights;

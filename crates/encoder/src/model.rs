@@ -8,14 +8,15 @@
 use std::ops::Range;
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{gelu, gelu_approximate, relu, softmax, tanh};
-use burn::tensor::module::{embedding, layer_norm};
+use burn::tensor::activation::{gelu_approximate, relu, tanh};
+use burn::tensor::module::embedding;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::{Activation, BertConfig};
+use crate::fused::{self, Kernels};
 use crate::tokenize::TokenBatch;
 
 /// A dense layer with its weight stored `[in, out]` (HF stores `[out, in]`; the loader
@@ -73,8 +74,8 @@ impl Norm {
         }
     }
 
-    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        layer_norm(x, self.gamma.val(), Some(self.beta.val()), self.eps)
+    pub fn forward<const D: usize>(&self, x: Tensor<D>, kernels: Kernels) -> Tensor<D> {
+        fused::layer_norm(x, self.gamma.val(), self.beta.val(), self.eps, kernels)
     }
 }
 
@@ -167,6 +168,8 @@ pub struct Dims {
     pub hidden_dropout: f64,
     pub attention_dropout: f64,
     pub activation: Activation,
+    /// Fused CPU kernels or burn composition (the tests' reference); not from the config.
+    pub kernels: Kernels,
 }
 
 #[derive(Module, Debug)]
@@ -277,7 +280,7 @@ impl BertModel {
         let x = embedding(e.word.val(), batch.input_ids.clone())
             + positions
             + embedding(e.token_type.val(), batch.token_type_ids.clone());
-        let mut x = dropout.apply(e.norm.forward(x), d.hidden_dropout);
+        let mut x = dropout.apply(e.norm.forward(x, d.kernels), d.hidden_dropout);
 
         // HF's extended attention mask: (1 - mask) * finfo(f32).min added to the scores, so
         // padded keys get probability exactly 0.
@@ -314,6 +317,7 @@ impl Dims {
             hidden_dropout: config.hidden_dropout_prob,
             attention_dropout: config.attention_probs_dropout_prob,
             activation: config.activation().expect("validated config"),
+            kernels: Kernels::default(),
         }
     }
 }
@@ -338,20 +342,20 @@ impl Layer {
             .matmul(k.swap_dims(2, 3))
             .mul_scalar(1.0 / (dh as f64).sqrt())
             + bias;
-        let probs = dropout.apply(softmax(scores, 3), d.attention_dropout);
+        let probs = dropout.apply(fused::softmax(scores, d.kernels), d.attention_dropout);
         let context = probs.clone().matmul(v).swap_dims(1, 2).reshape([b, s, h]);
 
         let attn = dropout.apply(self.attention_output.forward(context), d.hidden_dropout);
-        let attn = self.attention_norm.forward(attn + x);
+        let attn = self.attention_norm.forward(attn + x, d.kernels);
 
         let inter = self.intermediate.forward(attn.clone());
         let inter = match d.activation {
-            Activation::Gelu => gelu(inter),
+            Activation::Gelu => fused::gelu(inter, d.kernels),
             Activation::GeluTanh => gelu_approximate(inter),
             Activation::Relu => relu(inter),
         };
         let out = dropout.apply(self.output.forward(inter), d.hidden_dropout);
-        let out = self.output_norm.forward(out + attn);
+        let out = self.output_norm.forward(out + attn, d.kernels);
         (out, keep_probs.then_some(probs))
     }
 }

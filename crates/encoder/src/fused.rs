@@ -1,0 +1,636 @@
+//! Fused CPU kernels for the element-wise work of a BERT layer — exact GELU, LayerNorm and
+//! softmax over the last dimension — each one pass over rows with a hand-written backward.
+//!
+//! Why: burn 0.22 on CPU runs these as chains of separate tensor operations, each allocating
+//! a tensor and, in training, recording an autodiff node (LayerNorm is eight forward
+//! operations and more backward); exact GELU calls a scalar libm `erf` per element, and
+//! burn's GELU backward is the derivative of the *tanh approximation*. Here each operation
+//! is one parallel pass (rayon, by rows) with a vectorisable `exp`/`erf`, and GELU's
+//! gradient is the exact one.
+//!
+//! Only burn-ndarray at f32, with or without autodiff, has these kernels. Everywhere else
+//! (CUDA, flex, other precisions) and with [`Kernels::Composed`] the same maths is composed
+//! from burn tensor operations: the slow twin the parity tests compare against.
+
+// burn-ndarray is deprecated upstream in favour of flex, but it is the fastest CPU backend
+// measured here (BENCHMARKS.md), so the kernels target it.
+#![allow(deprecated)]
+
+use std::borrow::Cow;
+use std::f32::consts::FRAC_1_SQRT_2;
+
+use burn::backend::TensorMetadata;
+use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::ndarray::NdArrayTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Dispatch, NdArray, backend_extension};
+use burn::tensor::activation::softmax as composed_softmax;
+use burn::tensor::module::layer_norm as composed_layer_norm;
+use burn::tensor::{DType, Tensor};
+use ndarray::{ArcArray, IxDyn};
+use rayon::prelude::*;
+
+/// Which implementation of GELU, LayerNorm and softmax a model uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// The fused kernels where they exist (burn-ndarray, f32), composition elsewhere.
+    #[default]
+    Fused,
+    /// Always burn tensor operations: the reference the fused kernels are tested against.
+    Composed,
+}
+
+/// Exact GELU, `x Φ(x)`.
+pub fn gelu<const D: usize>(x: Tensor<D>, kernels: Kernels) -> Tensor<D> {
+    if fused_here(&x, kernels) {
+        return Tensor::from_dispatch(<Dispatch as FusedOps>::fused_gelu(x.into_dispatch()));
+    }
+    // Composed from `erf` so autodiff differentiates the exact function (burn's own `gelu`
+    // backward is the tanh approximation's derivative).
+    let cdf = (x.clone() * FRAC_1_SQRT_2)
+        .erf()
+        .add_scalar(1.0)
+        .mul_scalar(0.5);
+    x * cdf
+}
+
+/// LayerNorm over the last dimension: `(x − mean) / sqrt(var + eps) · gamma + beta`.
+pub fn layer_norm<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    eps: f64,
+    kernels: Kernels,
+) -> Tensor<D> {
+    if fused_here(&x, kernels) {
+        return Tensor::from_dispatch(<Dispatch as FusedOps>::fused_layer_norm(
+            x.into_dispatch(),
+            gamma.into_dispatch(),
+            beta.into_dispatch(),
+            eps,
+        ));
+    }
+    composed_layer_norm(x, gamma, Some(beta), eps)
+}
+
+/// Softmax over the last dimension.
+pub fn softmax<const D: usize>(x: Tensor<D>, kernels: Kernels) -> Tensor<D> {
+    if fused_here(&x, kernels) {
+        return Tensor::from_dispatch(<Dispatch as FusedOps>::fused_softmax(x.into_dispatch()));
+    }
+    composed_softmax(x, D - 1)
+}
+
+fn fused_here<const D: usize>(x: &Tensor<D>, kernels: Kernels) -> bool {
+    kernels == Kernels::Fused && x.dtype() == DType::F32 && x.device() == crate::device::cpu()
+}
+
+/// The operations, as a burn backend extension: implemented for burn-ndarray and for autodiff
+/// over it; `Dispatch` routes a call to whichever of the two the tensor lives on.
+#[backend_extension(NdArray, Autodiff)]
+pub trait FusedOps: burn::backend::Backend {
+    fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self>;
+    fn fused_softmax(x: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+impl FusedOps for NdArray {
+    fn fused_gelu(x: NdArrayTensor) -> NdArrayTensor {
+        let (shape, x) = host(&x);
+        let mut y = vec![0.0; x.len()];
+        par_elementwise(&mut y, &x, |y, x| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = gelu_and_slope(x).0;
+            }
+        });
+        tensor(shape, y)
+    }
+
+    fn fused_layer_norm(
+        x: NdArrayTensor,
+        gamma: NdArrayTensor,
+        beta: NdArrayTensor,
+        eps: f64,
+    ) -> NdArrayTensor {
+        let (shape, x) = host(&x);
+        let (_, gamma) = host(&gamma);
+        let (_, beta) = host(&beta);
+        let d = gamma.len();
+        assert_eq!(
+            shape.last(),
+            Some(&d),
+            "layer_norm: gamma does not match the last dim"
+        );
+        assert_eq!(
+            beta.len(),
+            d,
+            "layer_norm: beta does not match the last dim"
+        );
+        let eps = eps as f32;
+        let mut y = vec![0.0; x.len()];
+        par_rows(&mut y, &x, d, |y, x| {
+            let (mean, rstd) = row_stats(x, eps);
+            for i in 0..d {
+                y[i] = (x[i] - mean) * rstd * gamma[i] + beta[i];
+            }
+        });
+        tensor(shape, y)
+    }
+
+    fn fused_softmax(x: NdArrayTensor) -> NdArrayTensor {
+        let (shape, x) = host(&x);
+        let n = *shape.last().expect("softmax of a scalar");
+        let mut y = vec![0.0; x.len()];
+        par_rows(&mut y, &x, n, |y, x| {
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = exp(x - max);
+                sum += *y;
+            }
+            let inv = 1.0 / sum;
+            y.iter_mut().for_each(|y| *y *= inv);
+        });
+        tensor(shape, y)
+    }
+}
+
+impl<C: CheckpointStrategy> FusedOps for Autodiff<NdArray, C> {
+    fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct GeluBackward;
+
+        impl Backward<NdArray, 1> for GeluBackward {
+            /// The input.
+            type State = NdArrayTensor;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let grad = grads.consume::<NdArray>(&ops.node);
+                let [parent] = ops.parents;
+                if let Some(parent) = parent {
+                    let (shape, x) = host(&ops.state);
+                    let (_, g) = host(&grad);
+                    let mut dx = vec![0.0; x.len()];
+                    par_elementwise2(&mut dx, &x, &g, |dx, x, g| {
+                        for i in 0..dx.len() {
+                            dx[i] = g[i] * gelu_and_slope(x[i]).1;
+                        }
+                    });
+                    grads.register::<NdArray>(parent.id, tensor(shape, dx));
+                }
+            }
+        }
+
+        match GeluBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let input = x.into_primitive();
+                let out = NdArray::fused_gelu(input.clone());
+                prep.finish(input, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(NdArray::fused_gelu(x.into_primitive())),
+        }
+    }
+
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct LayerNormBackward;
+
+        impl Backward<NdArray, 3> for LayerNormBackward {
+            /// The input and gamma; mean and variance are recomputed (one cheap pass) rather
+            /// than kept for every row between forward and backward.
+            type State = (NdArrayTensor, NdArrayTensor, f32);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let grad = grads.consume::<NdArray>(&ops.node);
+                let [node_x, node_gamma, node_beta] = ops.parents;
+                let (x, gamma, eps) = ops.state;
+                let (shape, x) = host(&x);
+                let (_, gamma) = host(&gamma);
+                let (_, g) = host(&grad);
+                let (dx, dgamma, dbeta) = layer_norm_backward(&x, &gamma, &g, eps);
+                let d = gamma.len();
+                if let Some(node) = node_x {
+                    grads.register::<NdArray>(node.id, tensor(shape, dx));
+                }
+                if let Some(node) = node_gamma {
+                    grads.register::<NdArray>(node.id, tensor(vec![d], dgamma));
+                }
+                if let Some(node) = node_beta {
+                    grads.register::<NdArray>(node.id, tensor(vec![d], dbeta));
+                }
+            }
+        }
+
+        match LayerNormBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, gamma) = (x.into_primitive(), gamma.into_primitive());
+                let out =
+                    NdArray::fused_layer_norm(x.clone(), gamma.clone(), beta.into_primitive(), eps);
+                prep.finish((x, gamma, eps as f32), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(NdArray::fused_layer_norm(
+                x.into_primitive(),
+                gamma.into_primitive(),
+                beta.into_primitive(),
+                eps,
+            )),
+        }
+    }
+
+    fn fused_softmax(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct SoftmaxBackward;
+
+        impl Backward<NdArray, 1> for SoftmaxBackward {
+            /// The output: `dx = y ⊙ (g − Σ g ⊙ y)` needs nothing else.
+            type State = NdArrayTensor;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let grad = grads.consume::<NdArray>(&ops.node);
+                let [parent] = ops.parents;
+                if let Some(parent) = parent {
+                    let (shape, y) = host(&ops.state);
+                    let (_, g) = host(&grad);
+                    let n = *shape.last().expect("softmax of a scalar");
+                    let mut dx = vec![0.0; y.len()];
+                    par_rows2(&mut dx, &y, &g, n, |dx, y, g| {
+                        let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
+                        for i in 0..n {
+                            dx[i] = y[i] * (g[i] - dot);
+                        }
+                    });
+                    grads.register::<NdArray>(parent.id, tensor(shape, dx));
+                }
+            }
+        }
+
+        match SoftmaxBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = NdArray::fused_softmax(x.into_primitive());
+                prep.finish(out.clone(), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(NdArray::fused_softmax(x.into_primitive())),
+        }
+    }
+}
+
+/// `dx`, `dgamma`, `dbeta` of LayerNorm over rows of `gamma.len()`, given the output
+/// gradient `g`: `dx = rstd (g γ − mean(g γ) − x̂ mean(g γ x̂))`, `dγ = Σ g x̂`, `dβ = Σ g`.
+fn layer_norm_backward(
+    x: &[f32],
+    gamma: &[f32],
+    g: &[f32],
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let d = gamma.len();
+    let mut dx = vec![0.0; x.len()];
+    let rows_per_task = (TASK_ELEMENTS / d).max(1);
+    let chunk = rows_per_task * d;
+    let (dgamma, dbeta) = dx
+        .par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .zip(g.par_chunks(chunk))
+        .map(|((dx, x), g)| {
+            let mut dgamma = vec![0.0f32; d];
+            let mut dbeta = vec![0.0f32; d];
+            let mut xhat = vec![0.0f32; d];
+            for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+                let (mean, rstd) = row_stats(x, eps);
+                let (mut m1, mut m2) = (0.0f32, 0.0f32);
+                for i in 0..d {
+                    xhat[i] = (x[i] - mean) * rstd;
+                    let gg = g[i] * gamma[i];
+                    m1 += gg;
+                    m2 += gg * xhat[i];
+                    dgamma[i] += g[i] * xhat[i];
+                    dbeta[i] += g[i];
+                }
+                let (m1, m2) = (m1 / d as f32, m2 / d as f32);
+                for i in 0..d {
+                    dx[i] = rstd * (g[i] * gamma[i] - m1 - xhat[i] * m2);
+                }
+            }
+            (dgamma, dbeta)
+        })
+        .reduce(
+            || (vec![0.0; d], vec![0.0; d]),
+            |(mut ga, mut ba), (gb, bb)| {
+                ga.iter_mut().zip(gb).for_each(|(a, b)| *a += b);
+                ba.iter_mut().zip(bb).for_each(|(a, b)| *a += b);
+                (ga, ba)
+            },
+        );
+    (dx, dgamma, dbeta)
+}
+
+/// Mean and `1 / sqrt(var + eps)` of one row (biased variance, as PyTorch's LayerNorm).
+#[inline]
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// `(gelu(x), gelu'(x))` for exact GELU: `x Φ(x)` and `Φ(x) + x φ(x)`.
+#[inline(always)]
+fn gelu_and_slope(x: f32) -> (f32, f32) {
+    const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+    let z = x * FRAC_1_SQRT_2;
+    let e = exp(-z * z);
+    let cdf = 0.5 * (1.0 + erf_given_exp(z, e));
+    (x * cdf, cdf + x * e * FRAC_1_SQRT_2PI)
+}
+
+/// `erf(z)` given `e = exp(−z²)`, Abramowitz & Stegun 7.1.26 (absolute error ≤ 1.5e-7),
+/// branch-free so the loops around it vectorise.
+#[inline(always)]
+fn erf_given_exp(z: f32, e: f32) -> f32 {
+    let a = z.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
+    (1.0 - poly * e).copysign(z)
+}
+
+/// `exp(x)` to about 2 ulp without a libm call (Cephes `expf`), so loops vectorise. Returns
+/// exactly 0 below −87 (masked attention scores sit near `f32::MIN` and must give probability
+/// 0) and saturates at `exp(88)` above 88.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5·2²³ rounds to the nearest integer without a libm call (SSE2 has no
+    // `roundps`); the integer sits in the low mantissa bits.
+    const ROUNDER: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.0, 88.0);
+    let shifted = xc * LOG2E + ROUNDER;
+    let n = shifted - ROUNDER;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let er = p * r * r + r + 1.0;
+    let n = shifted.to_bits() as i32 - ROUNDER.to_bits() as i32;
+    let scale = f32::from_bits(((n + 127) << 23) as u32);
+    if x < -87.0 { 0.0 } else { er * scale }
+}
+
+/// Work per rayon task: small enough to share two cores evenly, large enough that
+/// scheduling costs nothing next to it.
+const TASK_ELEMENTS: usize = 16 * 1024;
+
+fn par_elementwise(y: &mut [f32], x: &[f32], f: impl Fn(&mut [f32], &[f32]) + Sync) {
+    y.par_chunks_mut(TASK_ELEMENTS)
+        .zip(x.par_chunks(TASK_ELEMENTS))
+        .for_each(|(y, x)| f(y, x));
+}
+
+fn par_elementwise2(
+    y: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync,
+) {
+    y.par_chunks_mut(TASK_ELEMENTS)
+        .zip(a.par_chunks(TASK_ELEMENTS))
+        .zip(b.par_chunks(TASK_ELEMENTS))
+        .for_each(|((y, a), b)| f(y, a, b));
+}
+
+/// Applies `f` to each row of `n` elements, rows spread over rayon tasks.
+fn par_rows(y: &mut [f32], x: &[f32], n: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) {
+    let chunk = (TASK_ELEMENTS / n).max(1) * n;
+    y.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(y, x)| y.chunks_mut(n).zip(x.chunks(n)).for_each(|(y, x)| f(y, x)));
+}
+
+fn par_rows2(
+    y: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    n: usize,
+    f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync,
+) {
+    let chunk = (TASK_ELEMENTS / n).max(1) * n;
+    y.par_chunks_mut(chunk)
+        .zip(a.par_chunks(chunk))
+        .zip(b.par_chunks(chunk))
+        .for_each(|((y, a), b)| {
+            for ((y, a), b) in y.chunks_mut(n).zip(a.chunks(n)).zip(b.chunks(n)) {
+                f(y, a, b)
+            }
+        });
+}
+
+/// The shape and the elements, in row-major order, of an f32 ndarray tensor: borrowed when
+/// already contiguous, copied otherwise (a transposed view, say).
+fn host(t: &NdArrayTensor) -> (Vec<usize>, Cow<'_, [f32]>) {
+    let NdArrayTensor::F32(storage) = t else {
+        panic!("fused kernels take f32 tensors, got {:?}", t.dtype());
+    };
+    let view = storage.view();
+    let shape = view.shape().to_vec();
+    let data = match view.to_slice() {
+        Some(slice) => Cow::Borrowed(slice),
+        None => Cow::Owned(view.iter().copied().collect()),
+    };
+    (shape, data)
+}
+
+fn tensor(shape: Vec<usize>, data: Vec<f32>) -> NdArrayTensor {
+    let array = ArcArray::from_shape_vec(IxDyn(&shape), data).expect("shape matches the data");
+    NdArrayTensor::from(array)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::TensorData;
+
+    #[test]
+    fn exp_matches_std_and_underflows_to_zero() {
+        let mut worst = 0.0f32;
+        for i in -87_000..=88_000 {
+            let x = i as f32 / 1000.0;
+            let rel = (exp(x) - x.exp()).abs() / x.exp();
+            worst = worst.max(rel);
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert_eq!(exp(-87.5), 0.0);
+        assert_eq!(exp(f32::MIN), 0.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn gelu_matches_the_erf_definition() {
+        // erf from its Taylor series in f64 (|x| ≤ 5, so cancellation costs < 6 of 16 digits).
+        fn erf64(z: f64) -> f64 {
+            let (mut term, mut sum, mut k) = (z, z, 0.0);
+            while term.abs() > 1e-17 * sum.abs().max(1e-300) || k < 5.0 {
+                k += 1.0;
+                term *= -z * z / k;
+                sum += term / (2.0 * k + 1.0);
+                if k > 200.0 {
+                    break;
+                }
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        }
+        for i in -250..=250 {
+            let x = i as f32 / 50.0;
+            let xd = x as f64;
+            let cdf = 0.5 * (1.0 + erf64(xd / std::f64::consts::SQRT_2));
+            let pdf = (-xd * xd / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            let (y, dy) = gelu_and_slope(x);
+            assert!((y as f64 - xd * cdf).abs() < 1e-6, "gelu({x}) = {y}");
+            assert!(
+                (dy as f64 - (cdf + xd * pdf)).abs() < 1e-6,
+                "gelu'({x}) = {dy}"
+            );
+        }
+    }
+
+    /// Deterministic "random" values in [-3, 3), with a stride pattern no kernel can align to.
+    fn values(n: usize, seed: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| 3.0 * ((i as f32 * 0.618 + seed).sin() * 1.7).sin())
+            .collect()
+    }
+
+    fn close(what: &str, a: Tensor<3>, b: Tensor<3>, tol: f32) {
+        let a: Vec<f32> = a.into_data().try_into_vec().unwrap();
+        let b: Vec<f32> = b.into_data().try_into_vec().unwrap();
+        let scale = b.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            diff <= tol * scale,
+            "{what}: max abs diff {diff} (scale {scale})"
+        );
+    }
+
+    /// Each fused operation against its composed twin: outputs and the gradients of a
+    /// weighted sum with respect to every input, on a transposed (non-contiguous) input and
+    /// with masked softmax entries at `f32::MIN`.
+    #[test]
+    fn fused_ops_match_composed_ops_forward_and_backward() {
+        let device = crate::device::cpu().autodiff();
+        let [a, b, c] = [3, 5, 37];
+        let input = |seed: f32| {
+            // Built as [a, c, b] and transposed: the kernels must read strided views.
+            Tensor::<3>::from_data(TensorData::new(values(a * b * c, seed), [a, c, b]), &device)
+                .swap_dims(1, 2)
+                .require_grad()
+        };
+        let weights =
+            Tensor::<3>::from_data(TensorData::new(values(a * b * c, 9.0), [a, b, c]), &device);
+        let gamma =
+            || Tensor::<1>::from_data(TensorData::new(values(c, 4.0), [c]), &device).require_grad();
+        let beta =
+            || Tensor::<1>::from_data(TensorData::new(values(c, 5.0), [c]), &device).require_grad();
+
+        type Op = fn(Tensor<3>, Tensor<1>, Tensor<1>, Kernels) -> Tensor<3>;
+        let ops: [(&str, Op); 3] = [
+            ("gelu", |x, _, _, k| gelu(x, k)),
+            ("layer_norm", |x, g, b, k| layer_norm(x, g, b, 1e-12, k)),
+            ("softmax", |x, _, _, k| {
+                // Mask every third key of every row the way attention does.
+                let [a, b, c] = x.dims();
+                let mask: Vec<f32> = (0..a * b * c)
+                    .map(|i| if i % 3 == 1 { f32::MIN } else { 0.0 })
+                    .collect();
+                let mask = Tensor::<3>::from_data(TensorData::new(mask, [a, b, c]), &x.device());
+                softmax(x + mask, k)
+            }),
+        ];
+        for (name, op) in ops {
+            let run = |kernels| {
+                let (x, g, bt) = (input(1.0), gamma(), beta());
+                let y = op(x.clone(), g.clone(), bt.clone(), kernels);
+                let grads = (y.clone() * weights.clone()).sum().backward();
+                let gx = x.grad(&grads).expect("x has a gradient");
+                let gg = g.grad(&grads).map(|t| t.reshape([1, 1, c]));
+                let gb = bt.grad(&grads).map(|t| t.reshape([1, 1, c]));
+                (y, gx, gg, gb)
+            };
+            let (y, gx, gg, gb) = run(Kernels::Fused);
+            let (y0, gx0, gg0, gb0) = run(Kernels::Composed);
+            close(&format!("{name} forward"), y, y0, 1e-5);
+            close(&format!("{name} d/dx"), gx, gx0, 1e-4);
+            assert_eq!(
+                gg.is_some(),
+                gg0.is_some(),
+                "{name}: gamma gradient presence"
+            );
+            if let (Some(gg), Some(gg0), Some(gb), Some(gb0)) = (gg, gg0, gb, gb0) {
+                close(&format!("{name} d/dgamma"), gg, gg0, 1e-4);
+                close(&format!("{name} d/dbeta"), gb, gb0, 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    fn masked_softmax_entries_are_exactly_zero_and_rows_sum_to_one() {
+        let device = crate::device::cpu();
+        let x = Tensor::<3>::from_data(
+            TensorData::new(vec![1.0, f32::MIN, 2.0, f32::MIN, -0.5, 0.25], [1, 2, 3]),
+            &device,
+        );
+        let y: Vec<f32> = softmax(x, Kernels::Fused)
+            .into_data()
+            .try_into_vec()
+            .unwrap();
+        assert_eq!(y[1], 0.0);
+        assert_eq!(y[3], 0.0);
+        assert!((y[0] + y[2] - 1.0).abs() < 1e-6 && (y[4] + y[5] - 1.0).abs() < 1e-6);
+    }
+}
