@@ -83,6 +83,74 @@ pub fn softmax<const D: usize>(x: Tensor<D>, kernels: Kernels) -> Tensor<D> {
     composed_softmax(x, D - 1)
 }
 
+/// Scaled dot-product attention probabilities `softmax(q kᵀ / sqrt(dh) + key_bias)` per head.
+///
+/// `q`, `k`: `[batch, seq, hidden]` with heads side by side in `hidden` (as the projections
+/// produce them: no head split copy); `key_bias`: `[batch, seq]`, added to every query's
+/// scores (0 for tokens, `f32::MIN` for padding). Returns `[batch, heads, seq, seq]`.
+pub fn attention_probs(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    key_bias: Tensor<2>,
+    heads: usize,
+    kernels: Kernels,
+) -> Tensor<4> {
+    if fused_here(&q, kernels) {
+        return Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention_probs(
+            q.into_dispatch(),
+            k.into_dispatch(),
+            key_bias.into_dispatch(),
+            heads,
+        ));
+    }
+    let [b, s, h] = q.dims();
+    let dh = h / heads;
+    let split = |t: Tensor<3>| t.reshape([b, s, heads, dh]).swap_dims(1, 2);
+    let scores = split(q)
+        .matmul(split(k).swap_dims(2, 3))
+        .mul_scalar(1.0 / (dh as f64).sqrt())
+        + key_bias.reshape([b, 1, 1, s]);
+    composed_softmax(scores, 3)
+}
+
+/// `probs · v` per head, heads merged back: `[batch, heads, seq, seq]` × `[batch, seq, hidden]`
+/// → `[batch, seq, hidden]`.
+pub fn attention_context(probs: Tensor<4>, v: Tensor<3>, kernels: Kernels) -> Tensor<3> {
+    if fused_here(&v, kernels) {
+        return Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention_context(
+            probs.into_dispatch(),
+            v.into_dispatch(),
+        ));
+    }
+    let [b, heads, s, _] = probs.dims();
+    let h = v.dims()[2];
+    let v = v.reshape([b, s, heads, h / heads]).swap_dims(1, 2);
+    probs.matmul(v).swap_dims(1, 2).reshape([b, s, h])
+}
+
+/// Attention for inference: [`attention_context`] of [`attention_probs`] without
+/// materialising the probabilities of the whole batch on the fused path.
+pub fn attention(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    key_bias: Tensor<2>,
+    heads: usize,
+    kernels: Kernels,
+) -> Tensor<3> {
+    if fused_here(&q, kernels) && !q.is_autodiff() {
+        return Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention(
+            q.into_dispatch(),
+            k.into_dispatch(),
+            v.into_dispatch(),
+            key_bias.into_dispatch(),
+            heads,
+        ));
+    }
+    let probs = attention_probs(q, k, key_bias, heads, kernels);
+    attention_context(probs, v, kernels)
+}
+
 fn fused_here<const D: usize>(x: &Tensor<D>, kernels: Kernels) -> bool {
     kernels == Kernels::Fused && x.dtype() == DType::F32 && x.device() == crate::device::cpu()
 }
@@ -99,6 +167,21 @@ pub trait FusedOps: burn::backend::Backend {
         eps: f64,
     ) -> FloatTensor<Self>;
     fn fused_softmax(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    fn fused_attention_probs(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self>;
+    fn fused_attention_context(probs: FloatTensor<Self>, v: FloatTensor<Self>)
+    -> FloatTensor<Self>;
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self>;
 }
 
 impl FusedOps for NdArray {
@@ -149,16 +232,67 @@ impl FusedOps for NdArray {
         let n = *shape.last().expect("softmax of a scalar");
         let mut y = vec![0.0; x.len()];
         par_rows(&mut y, &x, n, |y, x| {
-            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = exp(x - max);
-                sum += *y;
-            }
-            let inv = 1.0 / sum;
-            y.iter_mut().for_each(|y| *y *= inv);
+            y.copy_from_slice(x);
+            softmax_in_place(y);
         });
         tensor(shape, y)
+    }
+
+    fn fused_attention_probs(
+        q: NdArrayTensor,
+        k: NdArrayTensor,
+        key_bias: NdArrayTensor,
+        heads: usize,
+    ) -> NdArrayTensor {
+        let (shape, q) = host(&q);
+        let (_, k) = host(&k);
+        let (_, bias) = host(&key_bias);
+        let a = Attention::new(&shape, heads);
+        let mut probs = vec![0.0; a.batch * a.heads * a.seq * a.seq];
+        probs
+            .par_chunks_mut(a.heads * a.seq * a.seq)
+            .enumerate()
+            .for_each(|(bi, p)| a.probs_row(bi, &q, &k, &bias, p));
+        tensor(vec![a.batch, a.heads, a.seq, a.seq], probs)
+    }
+
+    fn fused_attention_context(probs: NdArrayTensor, v: NdArrayTensor) -> NdArrayTensor {
+        let (pshape, probs) = host(&probs);
+        let (shape, v) = host(&v);
+        let a = Attention::new(&shape, pshape[1]);
+        let mut context = vec![0.0; v.len()];
+        context
+            .par_chunks_mut(a.seq * a.hidden)
+            .enumerate()
+            .for_each(|(bi, c)| a.context_row(bi, &probs, &v, c));
+        tensor(shape, context)
+    }
+
+    fn fused_attention(
+        q: NdArrayTensor,
+        k: NdArrayTensor,
+        v: NdArrayTensor,
+        key_bias: NdArrayTensor,
+        heads: usize,
+    ) -> NdArrayTensor {
+        let (shape, q) = host(&q);
+        let (_, k) = host(&k);
+        let (_, v) = host(&v);
+        let (_, bias) = host(&key_bias);
+        let a = Attention::new(&shape, heads);
+        let mut context = vec![0.0; v.len()];
+        context
+            .par_chunks_mut(a.seq * a.hidden)
+            .enumerate()
+            .for_each_init(
+                || vec![0.0; a.heads * a.seq * a.seq],
+                |p, (bi, c)| {
+                    // One sequence's probabilities at a time, in a per-thread scratch buffer.
+                    a.probs_row(bi, &q, &k, &bias, p);
+                    a.context_row(0, p, &v[bi * a.seq * a.hidden..], c);
+                },
+            );
+        tensor(shape, context)
     }
 }
 
@@ -311,6 +445,384 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<NdArray, C> {
             OpsKind::UnTracked(prep) => prep.finish(NdArray::fused_softmax(x.into_primitive())),
         }
     }
+    fn fused_attention_probs(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct ProbsBackward;
+
+        impl Backward<NdArray, 2> for ProbsBackward {
+            /// q, k and the probabilities.
+            type State = (NdArrayTensor, NdArrayTensor, NdArrayTensor, usize);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let grad = grads.consume::<NdArray>(&ops.node);
+                let [node_q, node_k] = ops.parents;
+                let (q, k, probs, heads) = ops.state;
+                let (shape, q) = host(&q);
+                let (_, k) = host(&k);
+                let (_, probs) = host(&probs);
+                let (_, g) = host(&grad);
+                let a = Attention::new(&shape, heads);
+                let mut dq = vec![0.0; q.len()];
+                let mut dk = vec![0.0; k.len()];
+                let row = a.seq * a.hidden;
+                dq.par_chunks_mut(row)
+                    .zip(dk.par_chunks_mut(row))
+                    .enumerate()
+                    .for_each_init(
+                        || vec![0.0; a.seq * a.seq],
+                        |ds, (bi, (dq, dk))| {
+                            a.probs_backward_row(bi, &q, &k, &probs, &g, ds, dq, dk)
+                        },
+                    );
+                if let Some(node) = node_q {
+                    grads.register::<NdArray>(node.id, tensor(shape.clone(), dq));
+                }
+                if let Some(node) = node_k {
+                    grads.register::<NdArray>(node.id, tensor(shape, dk));
+                }
+            }
+        }
+
+        // The key bias is a constant (the padding mask): it takes no gradient.
+        let key_bias = key_bias.into_primitive();
+        match ProbsBackward
+            .prepare::<C>([q.node(), k.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (q, k) = (q.into_primitive(), k.into_primitive());
+                let probs = NdArray::fused_attention_probs(q.clone(), k.clone(), key_bias, heads);
+                prep.finish((q, k, probs.clone(), heads), probs)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(NdArray::fused_attention_probs(
+                q.into_primitive(),
+                k.into_primitive(),
+                key_bias,
+                heads,
+            )),
+        }
+    }
+
+    fn fused_attention_context(
+        probs: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct ContextBackward;
+
+        impl Backward<NdArray, 2> for ContextBackward {
+            /// The probabilities and v.
+            type State = (NdArrayTensor, NdArrayTensor);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let grad = grads.consume::<NdArray>(&ops.node);
+                let [node_probs, node_v] = ops.parents;
+                let (probs, v) = ops.state;
+                let (pshape, probs) = host(&probs);
+                let (shape, v) = host(&v);
+                let (_, g) = host(&grad);
+                let a = Attention::new(&shape, pshape[1]);
+                let mut dprobs = vec![0.0; probs.len()];
+                let mut dv = vec![0.0; v.len()];
+                dprobs
+                    .par_chunks_mut(a.heads * a.seq * a.seq)
+                    .zip(dv.par_chunks_mut(a.seq * a.hidden))
+                    .enumerate()
+                    .for_each(|(bi, (dp, dv))| a.context_backward_row(bi, &probs, &v, &g, dp, dv));
+                if let Some(node) = node_probs {
+                    grads.register::<NdArray>(node.id, tensor(pshape, dprobs));
+                }
+                if let Some(node) = node_v {
+                    grads.register::<NdArray>(node.id, tensor(shape, dv));
+                }
+            }
+        }
+
+        match ContextBackward
+            .prepare::<C>([probs.node(), v.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (probs, v) = (probs.into_primitive(), v.into_primitive());
+                let out = NdArray::fused_attention_context(probs.clone(), v.clone());
+                prep.finish((probs, v), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(NdArray::fused_attention_context(
+                probs.into_primitive(),
+                v.into_primitive(),
+            )),
+        }
+    }
+
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self> {
+        // Differentiable as its two halves.
+        let probs = Self::fused_attention_probs(q, k, key_bias, heads);
+        Self::fused_attention_context(probs, v)
+    }
+}
+
+/// Shapes of one attention call and the per-sequence kernels, which work on strided views
+/// of `[batch, seq, hidden]` activations (head `j` is columns `j·dh .. (j+1)·dh`).
+struct Attention {
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+    heads: usize,
+    dh: usize,
+}
+
+impl Attention {
+    fn new(shape: &[usize], heads: usize) -> Self {
+        let &[batch, seq, hidden] = shape else {
+            panic!("attention expects [batch, seq, hidden], got {shape:?}");
+        };
+        assert!(
+            heads > 0 && hidden % heads == 0,
+            "{hidden} hidden not divisible by {heads} heads"
+        );
+        Attention {
+            batch,
+            seq,
+            hidden,
+            heads,
+            dh: hidden / heads,
+        }
+    }
+
+    fn scale(&self) -> f32 {
+        1.0 / (self.dh as f32).sqrt()
+    }
+
+    /// Sequence `bi`'s probabilities, `[heads, seq, seq]`, into `p`.
+    fn probs_row(&self, bi: usize, q: &[f32], k: &[f32], bias: &[f32], p: &mut [f32]) {
+        let (s, h, dh) = (self.seq, self.hidden, self.dh);
+        let base = bi * s * h;
+        let bias = &bias[bi * s..(bi + 1) * s];
+        for (j, p) in p.chunks_mut(s * s).enumerate() {
+            let at = base + j * dh;
+            // scores = scale · Q_j K_jᵀ
+            gemm(
+                s,
+                dh,
+                s,
+                self.scale(),
+                &q[at..],
+                (h, 1),
+                &k[at..],
+                (1, h),
+                0.0,
+                p,
+                (s, 1),
+            );
+            for row in p.chunks_mut(s) {
+                row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+                softmax_in_place(row);
+            }
+        }
+    }
+
+    /// Sequence `bi`'s context `[seq, hidden]` into `c`: `P_j V_j` for each head `j`.
+    fn context_row(&self, bi: usize, probs: &[f32], v: &[f32], c: &mut [f32]) {
+        let (s, h, dh) = (self.seq, self.hidden, self.dh);
+        let probs = &probs[bi * self.heads * s * s..];
+        let v = &v[bi * s * h..];
+        for j in 0..self.heads {
+            let p = &probs[j * s * s..];
+            gemm(
+                s,
+                s,
+                dh,
+                1.0,
+                p,
+                (s, 1),
+                &v[j * dh..],
+                (h, 1),
+                0.0,
+                &mut c[j * dh..],
+                (h, 1),
+            );
+        }
+    }
+
+    /// Gradients of [`Self::probs_row`] for sequence `bi`: with `dS = P ⊙ (dP − Σ dP ⊙ P)`,
+    /// `dQ_j = scale · dS K_j` and `dK_j = scale · dSᵀ Q_j`.
+    #[allow(clippy::too_many_arguments)]
+    fn probs_backward_row(
+        &self,
+        bi: usize,
+        q: &[f32],
+        k: &[f32],
+        probs: &[f32],
+        dprobs: &[f32],
+        ds: &mut [f32],
+        dq: &mut [f32],
+        dk: &mut [f32],
+    ) {
+        let (s, h, dh) = (self.seq, self.hidden, self.dh);
+        let (q, k) = (&q[bi * s * h..], &k[bi * s * h..]);
+        let at = bi * self.heads * s * s;
+        for j in 0..self.heads {
+            let p = &probs[at + j * s * s..at + (j + 1) * s * s];
+            let g = &dprobs[at + j * s * s..at + (j + 1) * s * s];
+            for ((ds, p), g) in ds.chunks_mut(s).zip(p.chunks(s)).zip(g.chunks(s)) {
+                let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
+                for i in 0..s {
+                    ds[i] = p[i] * (g[i] - dot);
+                }
+            }
+            let c = j * dh;
+            gemm(
+                s,
+                s,
+                dh,
+                self.scale(),
+                ds,
+                (s, 1),
+                &k[c..],
+                (h, 1),
+                0.0,
+                &mut dq[c..],
+                (h, 1),
+            );
+            gemm(
+                s,
+                s,
+                dh,
+                self.scale(),
+                ds,
+                (1, s),
+                &q[c..],
+                (h, 1),
+                0.0,
+                &mut dk[c..],
+                (h, 1),
+            );
+        }
+    }
+
+    /// Gradients of [`Self::context_row`]: `dP_j = dC_j V_jᵀ`, `dV_j = P_jᵀ dC_j`.
+    fn context_backward_row(
+        &self,
+        bi: usize,
+        probs: &[f32],
+        v: &[f32],
+        dc: &[f32],
+        dprobs: &mut [f32],
+        dv: &mut [f32],
+    ) {
+        let (s, h, dh) = (self.seq, self.hidden, self.dh);
+        let (v, dc) = (&v[bi * s * h..], &dc[bi * s * h..]);
+        let probs = &probs[bi * self.heads * s * s..];
+        for j in 0..self.heads {
+            let c = j * dh;
+            let dp = &mut dprobs[j * s * s..];
+            gemm(
+                s,
+                dh,
+                s,
+                1.0,
+                &dc[c..],
+                (h, 1),
+                &v[c..],
+                (1, h),
+                0.0,
+                dp,
+                (s, 1),
+            );
+            let p = &probs[j * s * s..];
+            gemm(
+                s,
+                s,
+                dh,
+                1.0,
+                p,
+                (1, s),
+                &dc[c..],
+                (h, 1),
+                0.0,
+                &mut dv[c..],
+                (h, 1),
+            );
+        }
+    }
+}
+
+/// `c ← alpha · a b + beta · c` for an `m×k` matrix `a` and a `k×n` matrix `b`, each given as
+/// a slice starting at its first element and its (row, column) strides; one thread
+/// (matrixmultiply), as callers already run one sequence per rayon task.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &[f32],
+    (rsa, csa): (usize, usize),
+    b: &[f32],
+    (rsb, csb): (usize, usize),
+    beta: f32,
+    c: &mut [f32],
+    (rsc, csc): (usize, usize),
+) {
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(m > 0 && k > 0 && n > 0);
+    assert!(last(m, k, rsa, csa) < a.len(), "gemm: a out of bounds");
+    assert!(last(k, n, rsb, csb) < b.len(), "gemm: b out of bounds");
+    assert!(last(m, n, rsc, csc) < c.len(), "gemm: c out of bounds");
+    // SAFETY: every element the strides address lies inside its slice (checked above), and
+    // `c` is borrowed mutably, so it aliases neither input.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            rsa as isize,
+            csa as isize,
+            b.as_ptr(),
+            rsb as isize,
+            csb as isize,
+            beta,
+            c.as_mut_ptr(),
+            rsc as isize,
+            csc as isize,
+        )
+    }
+}
+
+fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for x in row.iter_mut() {
+        *x = exp(*x - max);
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|x| *x *= inv);
 }
 
 /// `dx`, `dgamma`, `dbeta` of LayerNorm over rows of `gamma.len()`, given the output
@@ -616,6 +1128,78 @@ mod tests {
                 close(&format!("{name} d/dbeta"), gb, gb0, 1e-4);
             }
         }
+    }
+
+    /// Attention on the fused path against the composed one: probabilities, context and the
+    /// gradients with respect to q, k and v, with padded keys; and inference's one-pass
+    /// `attention` against the two halves.
+    #[test]
+    fn fused_attention_matches_composed_attention() {
+        let device = crate::device::cpu().autodiff();
+        let (b, s, heads, dh) = (3, 7, 4, 5);
+        let h = heads * dh;
+        let act = |seed: f32| {
+            Tensor::<3>::from_data(TensorData::new(values(b * s * h, seed), [b, s, h]), &device)
+                .require_grad()
+        };
+        // Sequence i has 7 - 2i real tokens; the rest are padding.
+        let bias: Vec<f32> = (0..b * s)
+            .map(|i| {
+                if i % s < s - 2 * (i / s) {
+                    0.0
+                } else {
+                    f32::MIN
+                }
+            })
+            .collect();
+        let bias = Tensor::<2>::from_data(TensorData::new(bias, [b, s]), &device);
+        let wp = Tensor::<4>::from_data(
+            TensorData::new(values(b * heads * s * s, 7.0), [b, heads, s, s]),
+            &device,
+        );
+        let wc =
+            Tensor::<3>::from_data(TensorData::new(values(b * s * h, 8.0), [b, s, h]), &device);
+        let run = |kernels| {
+            let (q, k, v) = (act(1.0), act(2.0), act(3.0));
+            let probs = attention_probs(q.clone(), k.clone(), bias.clone(), heads, kernels);
+            let context = attention_context(probs.clone(), v.clone(), kernels);
+            // Gradients reach the probabilities both through the context and directly (AMI).
+            let loss = (context.clone() * wc.clone()).sum() + (probs.clone() * wp.clone()).sum();
+            let grads = loss.backward();
+            let g = |t: &Tensor<3>| t.grad(&grads).expect("gradient");
+            (
+                probs.reshape([b * heads, s, s]),
+                context,
+                g(&q),
+                g(&k),
+                g(&v),
+            )
+        };
+        let (p, c, gq, gk, gv) = run(Kernels::Fused);
+        let (p0, c0, gq0, gk0, gv0) = run(Kernels::Composed);
+        close("probs", p.clone(), p0, 1e-5);
+        close("context", c.clone(), c0, 1e-5);
+        close("d/dq", gq, gq0, 1e-4);
+        close("d/dk", gk, gk0, 1e-4);
+        close("d/dv", gv, gv0, 1e-4);
+        let padded: Vec<f32> = p.into_data().try_into_vec().unwrap();
+        assert_eq!(
+            padded[(2 * heads) * s * s + s - 1],
+            0.0,
+            "padded key has probability 0"
+        );
+
+        let plain = crate::device::cpu();
+        let on = |t: Tensor<3>| Tensor::<3>::from_data(t.into_data(), &plain);
+        let one_pass = attention(
+            on(act(1.0)),
+            on(act(2.0)),
+            on(act(3.0)),
+            Tensor::<2>::from_data(bias.into_data(), &plain),
+            heads,
+            Kernels::Fused,
+        );
+        close("one-pass attention", one_pass, on(c), 1e-6);
     }
 
     #[test]

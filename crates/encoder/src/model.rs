@@ -274,7 +274,7 @@ impl BertModel {
         dropout: &mut Dropout,
     ) -> BertOutput {
         let d = self.dims;
-        let [b, s] = batch.input_ids.dims();
+        let s = batch.input_ids.dims()[1];
         let e = &self.embeddings;
         let positions = e.position.val().narrow(0, 0, s).unsqueeze::<3>();
         let x = embedding(e.word.val(), batch.input_ids.clone())
@@ -284,14 +284,12 @@ impl BertModel {
 
         // HF's extended attention mask: (1 - mask) * finfo(f32).min added to the scores, so
         // padded keys get probability exactly 0.
-        let bias = (batch.mask.clone().neg() + 1.0)
-            .mul_scalar(f32::MIN)
-            .reshape([b, 1, 1, s]);
+        let key_bias = (batch.mask.clone().neg() + 1.0).mul_scalar(f32::MIN);
 
         let mut attentions = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let keep = opts.attention_layers.contains(&i);
-            let (out, probs) = layer.forward(x, bias.clone(), d, dropout, keep);
+            let (out, probs) = layer.forward(x, key_bias.clone(), d, dropout, keep);
             x = out;
             if let Some(p) = probs {
                 attentions.push(p);
@@ -326,24 +324,23 @@ impl Layer {
     fn forward(
         &self,
         x: Tensor<3>,
-        bias: Tensor<4>,
+        key_bias: Tensor<2>,
         d: Dims,
         dropout: &mut Dropout,
         keep_probs: bool,
     ) -> (Tensor<3>, Option<Tensor<4>>) {
-        let [b, s, h] = x.dims();
-        let dh = h / d.heads;
-        let split = |t: Tensor<3>| t.reshape([b, s, d.heads, dh]).swap_dims(1, 2);
-        let q = split(self.query.forward(x.clone()));
-        let k = split(self.key.forward(x.clone()));
-        let v = split(self.value.forward(x.clone()));
-
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar(1.0 / (dh as f64).sqrt())
-            + bias;
-        let probs = dropout.apply(fused::softmax(scores, d.kernels), d.attention_dropout);
-        let context = probs.clone().matmul(v).swap_dims(1, 2).reshape([b, s, h]);
+        let q = self.query.forward(x.clone());
+        let k = self.key.forward(x.clone());
+        let v = self.value.forward(x.clone());
+        let (context, probs) = if keep_probs || (dropout.is_active() && d.attention_dropout > 0.0) {
+            let probs = fused::attention_probs(q, k, key_bias, d.heads, d.kernels);
+            let probs = dropout.apply(probs, d.attention_dropout);
+            let context = fused::attention_context(probs.clone(), v, d.kernels);
+            (context, keep_probs.then_some(probs))
+        } else {
+            let context = fused::attention(q, k, v, key_bias, d.heads, d.kernels);
+            (context, None)
+        };
 
         let attn = dropout.apply(self.attention_output.forward(context), d.hidden_dropout);
         let attn = self.attention_norm.forward(attn + x, d.kernels);
@@ -356,6 +353,6 @@ impl Layer {
         };
         let out = dropout.apply(self.output.forward(inter), d.hidden_dropout);
         let out = self.output_norm.forward(out + attn, d.kernels);
-        (out, keep_probs.then_some(probs))
+        (out, probs)
     }
 }
