@@ -29,7 +29,8 @@ use burn::backend::{Autodiff, Dispatch, NdArray, backend_extension};
 use burn::tensor::activation::softmax as composed_softmax;
 use burn::tensor::module::layer_norm as composed_layer_norm;
 use burn::tensor::{DType, Tensor};
-use ndarray::{ArcArray, IxDyn};
+use ndarray::linalg::general_mat_mul;
+use ndarray::{ArcArray, ArrayView2, ArrayViewMut2, IxDyn, s};
 use rayon::prelude::*;
 
 /// Which implementation of GELU, LayerNorm and softmax a model uses.
@@ -40,6 +41,32 @@ pub enum Kernels {
     Fused,
     /// Always burn tensor operations: the reference the fused kernels are tested against.
     Composed,
+}
+
+/// `x W + b` over the last dimension of `x`; `weight` is `[in, out]`.
+pub fn linear<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<2>,
+    bias: Tensor<1>,
+    kernels: Kernels,
+) -> Tensor<D> {
+    if fused_here(&x, kernels) {
+        return Tensor::from_dispatch(<Dispatch as FusedOps>::fused_linear(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+            bias.into_dispatch(),
+        ));
+    }
+    // One 2-D matmul over all leading rows, not `burn::tensor::module::linear`: under burn
+    // 0.22's run-time dispatch that falls back to a batched matmul against a broadcast
+    // weight whenever `seq` is a multiple of 32, and autodiff then builds a weight gradient
+    // per sequence (`[batch, in, out]`, 288 MiB for MiniLM's FFN at batch 128) before summing.
+    let mut dims = x.dims();
+    let d_in = dims[D - 1];
+    let rows = dims[..D - 1].iter().product::<usize>();
+    dims[D - 1] = weight.dims()[1];
+    let y = x.reshape([rows, d_in]).matmul(weight) + bias.unsqueeze::<2>();
+    y.reshape(dims)
 }
 
 /// Exact GELU, `x Φ(x)`.
@@ -159,6 +186,11 @@ fn fused_here<const D: usize>(x: &Tensor<D>, kernels: Kernels) -> bool {
 /// over it; `Dispatch` routes a call to whichever of the two the tensor lives on.
 #[backend_extension(NdArray, Autodiff)]
 pub trait FusedOps: burn::backend::Backend {
+    fn fused_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
     fn fused_layer_norm(
         x: FloatTensor<Self>,
@@ -185,6 +217,35 @@ pub trait FusedOps: burn::backend::Backend {
 }
 
 impl FusedOps for NdArray {
+    fn fused_linear(x: NdArrayTensor, weight: NdArrayTensor, bias: NdArrayTensor) -> NdArrayTensor {
+        let (mut shape, x) = host(&x);
+        let (wshape, w) = host(&weight);
+        let (_, bias) = host(&bias);
+        let (d_in, d_out) = (wshape[0], wshape[1]);
+        assert_eq!(
+            shape.last(),
+            Some(&d_in),
+            "linear: input does not match the weight"
+        );
+        assert_eq!(bias.len(), d_out, "linear: bias does not match the weight");
+        let w = ArrayView2::from_shape((d_in, d_out), &w).expect("weight shape");
+        let rows = x.len() / d_in;
+        let mut y = vec![0.0; rows * d_out];
+        let block = row_block(rows);
+        y.par_chunks_mut(block * d_out)
+            .zip(x.par_chunks(block * d_in))
+            .for_each(|(y, x)| {
+                let n = x.len() / d_in;
+                y.chunks_mut(d_out)
+                    .for_each(|row| row.copy_from_slice(&bias));
+                let x = ArrayView2::from_shape((n, d_in), x).expect("row block");
+                let mut y = ArrayViewMut2::from_shape((n, d_out), y).expect("row block");
+                general_mat_mul(1.0, &x, &w, 1.0, &mut y);
+            });
+        *shape.last_mut().expect("rank ≥ 1") = d_out;
+        tensor(shape, y)
+    }
+
     fn fused_gelu(x: NdArrayTensor) -> NdArrayTensor {
         let (shape, x) = host(&x);
         let mut y = vec![0.0; x.len()];
@@ -297,6 +358,107 @@ impl FusedOps for NdArray {
 }
 
 impl<C: CheckpointStrategy> FusedOps for Autodiff<NdArray, C> {
+    fn fused_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct LinearBackward;
+
+        impl Backward<NdArray, 3> for LinearBackward {
+            /// The input and the weight.
+            type State = (NdArrayTensor, NdArrayTensor);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let grad = grads.consume::<NdArray>(&ops.node);
+                let [node_x, node_w, node_b] = ops.parents;
+                let (x, w) = ops.state;
+                let (xshape, x) = host(&x);
+                let (wshape, w) = host(&w);
+                let (_, g) = host(&grad);
+                let (d_in, d_out) = (wshape[0], wshape[1]);
+                let rows = x.len() / d_in;
+                let xv = ArrayView2::from_shape((rows, d_in), &x).expect("input rows");
+                let gv = ArrayView2::from_shape((rows, d_out), &g).expect("gradient rows");
+                if let Some(node) = node_x {
+                    // dx = g Wᵀ, by blocks of rows.
+                    let wt = ArrayView2::from_shape((d_in, d_out), &w).expect("weight");
+                    let wt = wt.t();
+                    let mut dx = vec![0.0; rows * d_in];
+                    let block = row_block(rows);
+                    dx.par_chunks_mut(block * d_in)
+                        .zip(g.par_chunks(block * d_out))
+                        .for_each(|(dx, g)| {
+                            let n = g.len() / d_out;
+                            let g = ArrayView2::from_shape((n, d_out), g).expect("row block");
+                            let mut dx =
+                                ArrayViewMut2::from_shape((n, d_in), dx).expect("row block");
+                            general_mat_mul(1.0, &g, &wt, 0.0, &mut dx);
+                        });
+                    grads.register::<NdArray>(node.id, tensor(xshape, dx));
+                }
+                if let Some(node) = node_w {
+                    // dW = xᵀ g, by blocks of W's rows (input features).
+                    let mut dw = vec![0.0; d_in * d_out];
+                    let block = row_block(d_in);
+                    dw.par_chunks_mut(block * d_out)
+                        .enumerate()
+                        .for_each(|(i, dw)| {
+                            let n = dw.len() / d_out;
+                            let xt = xv.slice(s![.., i * block..i * block + n]);
+                            let mut dw =
+                                ArrayViewMut2::from_shape((n, d_out), dw).expect("row block");
+                            general_mat_mul(1.0, &xt.t(), &gv, 0.0, &mut dw);
+                        });
+                    grads.register::<NdArray>(node.id, tensor(wshape, dw));
+                }
+                if let Some(node) = node_b {
+                    let block = row_block(rows);
+                    let db = g
+                        .par_chunks(block * d_out)
+                        .map(|g| {
+                            let mut sum = vec![0.0f32; d_out];
+                            for row in g.chunks(d_out) {
+                                sum.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+                            }
+                            sum
+                        })
+                        .reduce(
+                            || vec![0.0; d_out],
+                            |mut a, b| {
+                                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                                a
+                            },
+                        );
+                    grads.register::<NdArray>(node.id, tensor(vec![d_out], db));
+                }
+            }
+        }
+
+        match LinearBackward
+            .prepare::<C>([x.node(), weight.node(), bias.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, w) = (x.into_primitive(), weight.into_primitive());
+                let out = NdArray::fused_linear(x.clone(), w.clone(), bias.into_primitive());
+                prep.finish((x, w), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(NdArray::fused_linear(
+                x.into_primitive(),
+                weight.into_primitive(),
+                bias.into_primitive(),
+            )),
+        }
+    }
+
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct GeluBackward;
@@ -932,6 +1094,30 @@ fn exp(x: f32) -> f32 {
     if x < -87.0 { 0.0 } else { er * scale }
 }
 
+/// Rows per task for the GEMMs: one block per rayon thread, so each core runs one large
+/// single-threaded GEMM (OpenBLAS's own thread pool is set to one thread, see
+/// [`single_threaded_blas`]; its spinning workers cost ~15 % of a step next to rayon's).
+fn row_block(rows: usize) -> usize {
+    single_threaded_blas();
+    rows.div_ceil(rayon::current_num_threads()).max(1)
+}
+
+/// Makes OpenBLAS single-threaded, once: the fused GEMMs parallelise over rayon instead.
+fn single_threaded_blas() {
+    #[cfg(feature = "blas")]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            unsafe extern "C" {
+                fn openblas_set_num_threads(num_threads: std::ffi::c_int);
+            }
+            // SAFETY: OpenBLAS documents this as callable at any time; it sets the thread
+            // count of the calls that start afterwards.
+            unsafe { openblas_set_num_threads(1) };
+        });
+    }
+}
+
 /// Work per rayon task: small enough to share two cores evenly, large enough that
 /// scheduling costs nothing next to it.
 const TASK_ELEMENTS: usize = 16 * 1024;
@@ -1200,6 +1386,45 @@ mod tests {
             Kernels::Fused,
         );
         close("one-pass attention", one_pass, on(c), 1e-6);
+    }
+
+    /// The fused linear layer against `x.matmul(W) + b`: output and gradients with respect to
+    /// input, weight and bias, with more rows than threads and an odd number of features.
+    #[test]
+    fn fused_linear_matches_composed_linear() {
+        let device = crate::device::cpu().autodiff();
+        let (a, b, d_in, d_out) = (3, 67, 37, 11);
+        let weights = Tensor::<3>::from_data(
+            TensorData::new(values(a * b * d_out, 9.0), [a, b, d_out]),
+            &device,
+        );
+        let run = |kernels| {
+            let x = Tensor::<3>::from_data(
+                TensorData::new(values(a * b * d_in, 1.0), [a, b, d_in]),
+                &device,
+            )
+            .require_grad();
+            let w = Tensor::<2>::from_data(
+                TensorData::new(values(d_in * d_out, 2.0), [d_in, d_out]),
+                &device,
+            )
+            .require_grad();
+            let bias =
+                Tensor::<1>::from_data(TensorData::new(values(d_out, 3.0), [d_out]), &device)
+                    .require_grad();
+            let y = linear(x.clone(), w.clone(), bias.clone(), kernels);
+            let grads = (y.clone() * weights.clone()).sum().backward();
+            let gx = x.grad(&grads).unwrap();
+            let gw = w.grad(&grads).unwrap().reshape([1, d_in, d_out]);
+            let gb = bias.grad(&grads).unwrap().reshape([1, 1, d_out]);
+            (y, gx, gw, gb)
+        };
+        let (y, gx, gw, gb) = run(Kernels::Fused);
+        let (y0, gx0, gw0, gb0) = run(Kernels::Composed);
+        close("linear forward", y, y0, 1e-5);
+        close("linear d/dx", gx, gx0, 1e-5);
+        close("linear d/dW", gw, gw0, 1e-5);
+        close("linear d/db", gb, gb0, 1e-5);
     }
 
     #[test]

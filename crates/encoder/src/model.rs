@@ -39,21 +39,13 @@ impl Dense {
         }
     }
 
-    /// `x W + b` over the last dimension, as one 2-D matmul over all leading rows.
-    ///
-    /// Not `burn::tensor::module::linear`: burn 0.22's run-time dispatch does not route
-    /// `linear` to the backend, and its generic fallback keeps `[batch, seq, in]` as a
-    /// batched matmul against a broadcast weight whenever `seq` is a multiple of 32. Autodiff
-    /// then materialises a per-sequence weight gradient `[batch, in, out]` (288 MiB for
-    /// MiniLM's FFN at batch 128) before summing it, which cost most of a CPU training step.
+    /// `x W + b` over the last dimension, with the fused CPU kernel where there is one.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let mut dims = x.dims();
-        let d_in = dims[D - 1];
-        let rows = dims[..D - 1].iter().product::<usize>();
-        dims[D - 1] = self.weight.dims()[1];
-        let y =
-            x.reshape([rows, d_in]).matmul(self.weight.val()) + self.bias.val().unsqueeze::<2>();
-        y.reshape(dims)
+        self.forward_with(x, Kernels::Fused)
+    }
+
+    pub fn forward_with<const D: usize>(&self, x: Tensor<D>, kernels: Kernels) -> Tensor<D> {
+        fused::linear(x, self.weight.val(), self.bias.val(), kernels)
     }
 }
 
@@ -329,9 +321,9 @@ impl Layer {
         dropout: &mut Dropout,
         keep_probs: bool,
     ) -> (Tensor<3>, Option<Tensor<4>>) {
-        let q = self.query.forward(x.clone());
-        let k = self.key.forward(x.clone());
-        let v = self.value.forward(x.clone());
+        let q = self.query.forward_with(x.clone(), d.kernels);
+        let k = self.key.forward_with(x.clone(), d.kernels);
+        let v = self.value.forward_with(x.clone(), d.kernels);
         let (context, probs) = if keep_probs || (dropout.is_active() && d.attention_dropout > 0.0) {
             let probs = fused::attention_probs(q, k, key_bias, d.heads, d.kernels);
             let probs = dropout.apply(probs, d.attention_dropout);
@@ -342,16 +334,19 @@ impl Layer {
             (context, None)
         };
 
-        let attn = dropout.apply(self.attention_output.forward(context), d.hidden_dropout);
+        let attn = dropout.apply(
+            self.attention_output.forward_with(context, d.kernels),
+            d.hidden_dropout,
+        );
         let attn = self.attention_norm.forward(attn + x, d.kernels);
 
-        let inter = self.intermediate.forward(attn.clone());
+        let inter = self.intermediate.forward_with(attn.clone(), d.kernels);
         let inter = match d.activation {
             Activation::Gelu => fused::gelu(inter, d.kernels),
             Activation::GeluTanh => gelu_approximate(inter),
             Activation::Relu => relu(inter),
         };
-        let out = dropout.apply(self.output.forward(inter), d.hidden_dropout);
+        let out = dropout.apply(self.output.forward_with(inter, d.kernels), d.hidden_dropout);
         let out = self.output_norm.forward(out + attn, d.kernels);
         (out, probs)
     }
