@@ -230,7 +230,7 @@ impl FusedOps for NdArray {
         assert_eq!(bias.len(), d_out, "linear: bias does not match the weight");
         let w = ArrayView2::from_shape((d_in, d_out), &w).expect("weight shape");
         let rows = x.len() / d_in;
-        let mut y = vec![0.0; rows * d_out];
+        let mut y = zeros(rows * d_out);
         let block = row_block(rows);
         y.par_chunks_mut(block * d_out)
             .zip(x.par_chunks(block * d_in))
@@ -248,7 +248,7 @@ impl FusedOps for NdArray {
 
     fn fused_gelu(x: NdArrayTensor) -> NdArrayTensor {
         let (shape, x) = host(&x);
-        let mut y = vec![0.0; x.len()];
+        let mut y = zeros(x.len());
         par_elementwise(&mut y, &x, |y, x| {
             for (y, &x) in y.iter_mut().zip(x) {
                 *y = gelu_and_slope(x).0;
@@ -278,7 +278,7 @@ impl FusedOps for NdArray {
             "layer_norm: beta does not match the last dim"
         );
         let eps = eps as f32;
-        let mut y = vec![0.0; x.len()];
+        let mut y = zeros(x.len());
         par_rows(&mut y, &x, d, |y, x| {
             let (mean, rstd) = row_stats(x, eps);
             for i in 0..d {
@@ -291,7 +291,7 @@ impl FusedOps for NdArray {
     fn fused_softmax(x: NdArrayTensor) -> NdArrayTensor {
         let (shape, x) = host(&x);
         let n = *shape.last().expect("softmax of a scalar");
-        let mut y = vec![0.0; x.len()];
+        let mut y = zeros(x.len());
         par_rows(&mut y, &x, n, |y, x| {
             y.copy_from_slice(x);
             softmax_in_place(y);
@@ -309,7 +309,7 @@ impl FusedOps for NdArray {
         let (_, k) = host(&k);
         let (_, bias) = host(&key_bias);
         let a = Attention::new(&shape, heads);
-        let mut probs = vec![0.0; a.batch * a.heads * a.seq * a.seq];
+        let mut probs = zeros(a.batch * a.heads * a.seq * a.seq);
         probs
             .par_chunks_mut(a.heads * a.seq * a.seq)
             .enumerate()
@@ -321,7 +321,7 @@ impl FusedOps for NdArray {
         let (pshape, probs) = host(&probs);
         let (shape, v) = host(&v);
         let a = Attention::new(&shape, pshape[1]);
-        let mut context = vec![0.0; v.len()];
+        let mut context = zeros(v.len());
         context
             .par_chunks_mut(a.seq * a.hidden)
             .enumerate()
@@ -341,7 +341,7 @@ impl FusedOps for NdArray {
         let (_, v) = host(&v);
         let (_, bias) = host(&key_bias);
         let a = Attention::new(&shape, heads);
-        let mut context = vec![0.0; v.len()];
+        let mut context = zeros(v.len());
         context
             .par_chunks_mut(a.seq * a.hidden)
             .enumerate()
@@ -390,7 +390,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<NdArray, C> {
                     // dx = g Wᵀ, by blocks of rows.
                     let wt = ArrayView2::from_shape((d_in, d_out), &w).expect("weight");
                     let wt = wt.t();
-                    let mut dx = vec![0.0; rows * d_in];
+                    let mut dx = zeros(rows * d_in);
                     let block = row_block(rows);
                     dx.par_chunks_mut(block * d_in)
                         .zip(g.par_chunks(block * d_out))
@@ -405,7 +405,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<NdArray, C> {
                 }
                 if let Some(node) = node_w {
                     // dW = xᵀ g, by blocks of W's rows (input features).
-                    let mut dw = vec![0.0; d_in * d_out];
+                    let mut dw = zeros(d_in * d_out);
                     let block = row_block(d_in);
                     dw.par_chunks_mut(block * d_out)
                         .enumerate()
@@ -478,7 +478,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<NdArray, C> {
                 if let Some(parent) = parent {
                     let (shape, x) = host(&ops.state);
                     let (_, g) = host(&grad);
-                    let mut dx = vec![0.0; x.len()];
+                    let mut dx = zeros(x.len());
                     par_elementwise2(&mut dx, &x, &g, |dx, x, g| {
                         for i in 0..dx.len() {
                             dx[i] = g[i] * gelu_and_slope(x[i]).1;
@@ -583,7 +583,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<NdArray, C> {
                     let (shape, y) = host(&ops.state);
                     let (_, g) = host(&grad);
                     let n = *shape.last().expect("softmax of a scalar");
-                    let mut dx = vec![0.0; y.len()];
+                    let mut dx = zeros(y.len());
                     par_rows2(&mut dx, &y, &g, n, |dx, y, g| {
                         let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
                         for i in 0..n {
@@ -634,8 +634,8 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<NdArray, C> {
                 let (_, probs) = host(&probs);
                 let (_, g) = host(&grad);
                 let a = Attention::new(&shape, heads);
-                let mut dq = vec![0.0; q.len()];
-                let mut dk = vec![0.0; k.len()];
+                let mut dq = zeros(q.len());
+                let mut dk = zeros(k.len());
                 let row = a.seq * a.hidden;
                 dq.par_chunks_mut(row)
                     .zip(dk.par_chunks_mut(row))
@@ -700,8 +700,8 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<NdArray, C> {
                 let (shape, v) = host(&v);
                 let (_, g) = host(&grad);
                 let a = Attention::new(&shape, pshape[1]);
-                let mut dprobs = vec![0.0; probs.len()];
-                let mut dv = vec![0.0; v.len()];
+                let mut dprobs = zeros(probs.len());
+                let mut dv = zeros(v.len());
                 dprobs
                     .par_chunks_mut(a.heads * a.seq * a.seq)
                     .zip(dv.par_chunks_mut(a.seq * a.hidden))
@@ -996,7 +996,7 @@ fn layer_norm_backward(
     eps: f32,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let d = gamma.len();
-    let mut dx = vec![0.0; x.len()];
+    let mut dx = zeros(x.len());
     let rows_per_task = (TASK_ELEMENTS / d).max(1);
     let chunk = rows_per_task * d;
     let (dgamma, dbeta) = dx
@@ -1179,6 +1179,14 @@ fn host(t: &NdArrayTensor) -> (Vec<usize>, Cow<'_, [f32]>) {
         None => Cow::Owned(view.iter().copied().collect()),
     };
     (shape, data)
+}
+
+/// A zeroed output buffer, zeroed (and its fresh pages faulted in) by all rayon threads:
+/// `vec![0.0; n]` would do it on the calling thread while the others wait.
+pub(crate) fn zeros(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    (0..n).into_par_iter().map(|_| 0.0).collect_into_vec(&mut v);
+    v
 }
 
 fn tensor(shape: Vec<usize>, data: Vec<f32>) -> NdArrayTensor {

@@ -14,6 +14,7 @@ use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use crate::config::{Activation, BertConfig};
 use crate::fused::{self, Kernels};
@@ -84,6 +85,9 @@ pub enum Dropout {
     Seeded(Box<ChaCha8Rng>),
 }
 
+/// Mask entries per parallel block of the seeded generator.
+const MASK_BLOCK: usize = 64 * 1024;
+
 impl Dropout {
     pub fn seeded(seed: u64) -> Self {
         Dropout::Seeded(Box::new(ChaCha8Rng::seed_from_u64(seed)))
@@ -110,15 +114,24 @@ impl Dropout {
                 // One u32 per entry against a threshold: 0 or 1/keep, scale folded in.
                 let threshold = (keep * 4_294_967_296.0) as u64;
                 let scale = (1.0 / keep) as f32;
-                let mask: Vec<f32> = (0..n)
-                    .map(|_| {
-                        if (rng.next_u32() as u64) < threshold {
-                            scale
-                        } else {
-                            0.0
+                // Drawn in parallel blocks, each seeking to its own place in the stream:
+                // the same values as one sequential pass, at any thread count.
+                let start = rng.get_word_pos();
+                let mut mask = fused::zeros(n);
+                mask.par_chunks_mut(MASK_BLOCK)
+                    .enumerate()
+                    .for_each(|(i, block)| {
+                        let mut rng = rng.as_ref().clone();
+                        rng.set_word_pos(start + (i * MASK_BLOCK) as u128);
+                        for m in block {
+                            *m = if (rng.next_u32() as u64) < threshold {
+                                scale
+                            } else {
+                                0.0
+                            };
                         }
-                    })
-                    .collect();
+                    });
+                rng.set_word_pos(start + n as u128);
                 let mask = Tensor::<D>::from_data(TensorData::new(mask, shape), &x.device());
                 x * mask
             }
@@ -349,5 +362,46 @@ impl Layer {
         let out = dropout.apply(self.output.forward_with(inter, d.kernels), d.hidden_dropout);
         let out = self.output_norm.forward(out + attn, d.kernels);
         (out, probs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The parallel mask draw gives what one sequential pass over the generator gives, and
+    /// leaves the generator where that pass would.
+    #[test]
+    fn seeded_dropout_masks_equal_a_sequential_draw() {
+        let device = crate::device::cpu();
+        let n = 3 * MASK_BLOCK + 123;
+        let mut dropout = Dropout::seeded(5);
+        let first: Vec<f32> = dropout
+            .apply(Tensor::<1>::ones([n], &device), 0.1)
+            .into_data()
+            .try_into_vec()
+            .unwrap();
+        let second: Vec<f32> = dropout
+            .apply(Tensor::<1>::ones([10], &device), 0.1)
+            .into_data()
+            .try_into_vec()
+            .unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let threshold = (0.9f64 * 4_294_967_296.0) as u64;
+        let mut draw = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    if (rng.next_u32() as u64) < threshold {
+                        (1.0 / 0.9f64) as f32
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        };
+        assert_eq!(first, draw(n));
+        assert_eq!(second, draw(10));
+        let dropped = first.iter().filter(|&&m| m == 0.0).count() as f64 / n as f64;
+        assert!((dropped - 0.1).abs() < 0.01, "dropped {dropped}");
     }
 }
