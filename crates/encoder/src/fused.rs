@@ -69,6 +69,28 @@ pub fn linear<const D: usize>(
     y.reshape(dims)
 }
 
+/// `a + b` for tensors of one shape (residual connections), in parallel on the fused path.
+pub fn add<const D: usize>(a: Tensor<D>, b: Tensor<D>, kernels: Kernels) -> Tensor<D> {
+    if fused_here(&a, kernels) && a.dims() == b.dims() {
+        return Tensor::from_dispatch(<Dispatch as FusedOps>::fused_add(
+            a.into_dispatch(),
+            b.into_dispatch(),
+        ));
+    }
+    a + b
+}
+
+/// `x ⊙ mask` for a constant `mask` of `x`'s shape (dropout), in parallel on the fused path.
+pub fn mul_mask<const D: usize>(x: Tensor<D>, mask: Tensor<D>, kernels: Kernels) -> Tensor<D> {
+    if fused_here(&x, kernels) && x.dims() == mask.dims() {
+        return Tensor::from_dispatch(<Dispatch as FusedOps>::fused_mul_mask(
+            x.into_dispatch(),
+            mask.into_dispatch(),
+        ));
+    }
+    x * mask
+}
+
 /// Exact GELU, `x Φ(x)`.
 pub fn gelu<const D: usize>(x: Tensor<D>, kernels: Kernels) -> Tensor<D> {
     if fused_here(&x, kernels) {
@@ -191,6 +213,8 @@ pub trait FusedOps: burn::backend::Backend {
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+    fn fused_add(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
+    fn fused_mul_mask(x: FloatTensor<Self>, mask: FloatTensor<Self>) -> FloatTensor<Self>;
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
     fn fused_layer_norm(
         x: FloatTensor<Self>,
@@ -243,6 +267,30 @@ impl FusedOps for NdArray {
                 general_mat_mul(1.0, &x, &w, 1.0, &mut y);
             });
         *shape.last_mut().expect("rank ≥ 1") = d_out;
+        tensor(shape, y)
+    }
+
+    fn fused_add(a: NdArrayTensor, b: NdArrayTensor) -> NdArrayTensor {
+        let (shape, a) = host(&a);
+        let (_, b) = host(&b);
+        let mut y = zeros(a.len());
+        par_elementwise2(&mut y, &a, &b, |y, a, b| {
+            for i in 0..y.len() {
+                y[i] = a[i] + b[i];
+            }
+        });
+        tensor(shape, y)
+    }
+
+    fn fused_mul_mask(x: NdArrayTensor, mask: NdArrayTensor) -> NdArrayTensor {
+        let (shape, x) = host(&x);
+        let (_, m) = host(&mask);
+        let mut y = zeros(x.len());
+        par_elementwise2(&mut y, &x, &m, |y, x, m| {
+            for i in 0..y.len() {
+                y[i] = x[i] * m[i];
+            }
+        });
         tensor(shape, y)
     }
 
@@ -456,6 +504,80 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<NdArray, C> {
                 weight.into_primitive(),
                 bias.into_primitive(),
             )),
+        }
+    }
+
+    fn fused_add(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct AddBackward;
+
+        impl Backward<NdArray, 2> for AddBackward {
+            type State = ();
+
+            fn backward(self, ops: Ops<(), 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let grad = grads.consume::<NdArray>(&ops.node);
+                let [node_a, node_b] = ops.parents;
+                // Both inputs get the output's gradient as it is (shared, not copied).
+                if let Some(node) = node_a {
+                    grads.register::<NdArray>(node.id, grad.clone());
+                }
+                if let Some(node) = node_b {
+                    grads.register::<NdArray>(node.id, grad);
+                }
+            }
+        }
+
+        match AddBackward
+            .prepare::<C>([a.node(), b.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(
+                (),
+                NdArray::fused_add(a.into_primitive(), b.into_primitive()),
+            ),
+            OpsKind::UnTracked(prep) => {
+                prep.finish(NdArray::fused_add(a.into_primitive(), b.into_primitive()))
+            }
+        }
+    }
+
+    fn fused_mul_mask(x: FloatTensor<Self>, mask: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct MulMaskBackward;
+
+        impl Backward<NdArray, 1> for MulMaskBackward {
+            /// The mask.
+            type State = NdArrayTensor;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let grad = grads.consume::<NdArray>(&ops.node);
+                let [parent] = ops.parents;
+                if let Some(parent) = parent {
+                    grads.register::<NdArray>(parent.id, NdArray::fused_mul_mask(grad, ops.state));
+                }
+            }
+        }
+
+        // The mask is a constant: no gradient flows to it.
+        let mask = mask.into_primitive();
+        match MulMaskBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = NdArray::fused_mul_mask(x.into_primitive(), mask.clone());
+                prep.finish(mask, out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(NdArray::fused_mul_mask(x.into_primitive(), mask))
+            }
         }
     }
 
@@ -1285,8 +1407,17 @@ mod tests {
             || Tensor::<1>::from_data(TensorData::new(values(c, 5.0), [c]), &device).require_grad();
 
         type Op = fn(Tensor<3>, Tensor<1>, Tensor<1>, Kernels) -> Tensor<3>;
-        let ops: [(&str, Op); 3] = [
+        let ops: [(&str, Op); 5] = [
             ("gelu", |x, _, _, k| gelu(x, k)),
+            ("add", |x, _, _, k| {
+                add(x.clone(), x.clone().mul_scalar(0.5).sin(), k)
+            }),
+            ("mul_mask", |x, _, _, k| {
+                let [a, b, c] = x.dims();
+                let mask: Vec<f32> = (0..a * b * c).map(|i| (i % 4) as f32 * 0.5).collect();
+                let mask = Tensor::<3>::from_data(TensorData::new(mask, [a, b, c]), &x.device());
+                mul_mask(x, mask, k)
+            }),
             ("layer_norm", |x, g, b, k| layer_norm(x, g, b, 1e-12, k)),
             ("softmax", |x, _, _, k| {
                 // Mask every third key of every row the way attention does.

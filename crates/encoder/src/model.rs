@@ -97,7 +97,7 @@ impl Dropout {
         !matches!(self, Dropout::Off)
     }
 
-    pub fn apply<const D: usize>(&mut self, x: Tensor<D>, p: f64) -> Tensor<D> {
+    pub fn apply<const D: usize>(&mut self, x: Tensor<D>, p: f64, kernels: Kernels) -> Tensor<D> {
         if p <= 0.0 {
             return x;
         }
@@ -133,7 +133,7 @@ impl Dropout {
                     });
                 rng.set_word_pos(start + n as u128);
                 let mask = Tensor::<D>::from_data(TensorData::new(mask, shape), &x.device());
-                x * mask
+                fused::mul_mask(x, mask, kernels)
             }
         }
     }
@@ -285,7 +285,7 @@ impl BertModel {
         let x = embedding(e.word.val(), batch.input_ids.clone())
             + positions
             + embedding(e.token_type.val(), batch.token_type_ids.clone());
-        let mut x = dropout.apply(e.norm.forward(x, d.kernels), d.hidden_dropout);
+        let mut x = dropout.apply(e.norm.forward(x, d.kernels), d.hidden_dropout, d.kernels);
 
         // HF's extended attention mask: (1 - mask) * finfo(f32).min added to the scores, so
         // padded keys get probability exactly 0.
@@ -339,7 +339,7 @@ impl Layer {
         let v = self.value.forward_with(x.clone(), d.kernels);
         let (context, probs) = if keep_probs || (dropout.is_active() && d.attention_dropout > 0.0) {
             let probs = fused::attention_probs(q, k, key_bias, d.heads, d.kernels);
-            let probs = dropout.apply(probs, d.attention_dropout);
+            let probs = dropout.apply(probs, d.attention_dropout, d.kernels);
             let context = fused::attention_context(probs.clone(), v, d.kernels);
             (context, keep_probs.then_some(probs))
         } else {
@@ -350,8 +350,11 @@ impl Layer {
         let attn = dropout.apply(
             self.attention_output.forward_with(context, d.kernels),
             d.hidden_dropout,
+            d.kernels,
         );
-        let attn = self.attention_norm.forward(attn + x, d.kernels);
+        let attn = self
+            .attention_norm
+            .forward(fused::add(attn, x, d.kernels), d.kernels);
 
         let inter = self.intermediate.forward_with(attn.clone(), d.kernels);
         let inter = match d.activation {
@@ -359,8 +362,14 @@ impl Layer {
             Activation::GeluTanh => gelu_approximate(inter),
             Activation::Relu => relu(inter),
         };
-        let out = dropout.apply(self.output.forward_with(inter, d.kernels), d.hidden_dropout);
-        let out = self.output_norm.forward(out + attn, d.kernels);
+        let out = dropout.apply(
+            self.output.forward_with(inter, d.kernels),
+            d.hidden_dropout,
+            d.kernels,
+        );
+        let out = self
+            .output_norm
+            .forward(fused::add(out, attn, d.kernels), d.kernels);
         (out, probs)
     }
 }
@@ -377,12 +386,12 @@ mod tests {
         let n = 3 * MASK_BLOCK + 123;
         let mut dropout = Dropout::seeded(5);
         let first: Vec<f32> = dropout
-            .apply(Tensor::<1>::ones([n], &device), 0.1)
+            .apply(Tensor::<1>::ones([n], &device), 0.1, Kernels::Fused)
             .into_data()
             .try_into_vec()
             .unwrap();
         let second: Vec<f32> = dropout
-            .apply(Tensor::<1>::ones([10], &device), 0.1)
+            .apply(Tensor::<1>::ones([10], &device), 0.1, Kernels::Fused)
             .into_data()
             .try_into_vec()
             .unwrap();
