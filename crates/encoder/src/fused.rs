@@ -43,6 +43,17 @@ pub enum Kernels {
     Composed,
 }
 
+impl Kernels {
+    /// [`Kernels::Fused`] unless the environment sets `FEDMICSE_KERNELS=composed`: an escape
+    /// hatch to rule the fused kernels in or out when a result looks wrong.
+    pub fn from_env() -> Self {
+        match std::env::var("FEDMICSE_KERNELS").as_deref() {
+            Ok("composed") => Kernels::Composed,
+            _ => Kernels::Fused,
+        }
+    }
+}
+
 /// `x W + b` over the last dimension of `x`; `weight` is `[in, out]`.
 pub fn linear<const D: usize>(
     x: Tensor<D>,

@@ -320,7 +320,7 @@ impl Dims {
             hidden_dropout: config.hidden_dropout_prob,
             attention_dropout: config.attention_probs_dropout_prob,
             activation: config.activation().expect("validated config"),
-            kernels: Kernels::default(),
+            kernels: Kernels::from_env(),
         }
     }
 }
