@@ -61,8 +61,51 @@ fn flex() -> Result<Device> {
     ))
 }
 
+/// Where CUDA kernels compiled by cubecl and its autotune results persist between runs:
+/// `$FEDMICSE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/fedmicse/kernels`, else
+/// `~/.cache/fedmicse/kernels`, else `./.fedmicse-kernels`. A warm cache turns minutes of
+/// compiling and tuning at the first training step into seconds.
+pub fn kernel_cache_dir() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    let env = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    env("FEDMICSE_KERNEL_CACHE")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("fedmicse/kernels")))
+        .or_else(|| env("HOME").map(|d| d.join(".cache/fedmicse/kernels")))
+        .unwrap_or_else(|| PathBuf::from(".fedmicse-kernels"))
+}
+
+/// Points cubecl's persistent caches (compiled kernels, autotune results) at
+/// [`kernel_cache_dir`] and turns kernel caching on, before the first device opens. A
+/// `cubecl.toml` that names its own cache folder wins.
+#[cfg(feature = "cuda")]
+fn configure_kernel_cache() {
+    use cubecl_runtime::config::cache::CacheConfig;
+    use cubecl_runtime::config::{CubeClRuntimeConfig, RuntimeConfig};
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+        if matches!(config.environment.path, CacheConfig::Target) {
+            let dir = kernel_cache_dir();
+            if let Err(e) = std::fs::create_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "kernel cache folder not usable; kernels are compiled every run");
+                return;
+            }
+            tracing::info!(dir = %dir.display(), "CUDA kernel cache");
+            config.environment.path = CacheConfig::Directory(dir);
+        }
+        config.compilation.cache = true;
+        // Keeps a configuration someone set earlier in the process.
+        CubeClRuntimeConfig::try_set(config);
+    });
+}
+
 #[cfg(feature = "cuda")]
 fn cuda(index: usize) -> Result<Device> {
+    configure_kernel_cache();
     // cubecl panics when the driver, NVRTC or the GPU is missing; turn that into an error.
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
@@ -104,6 +147,18 @@ pub const CUDA_COMPILED: bool = cfg!(feature = "cuda");
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_cache_dir_follows_the_environment() {
+        // Only the variable this project owns is set here; the rest of the chain is the
+        // documented fallback order.
+        let dir = tempfile::tempdir().unwrap();
+        // SAFETY: no other test reads or writes this variable.
+        unsafe { std::env::set_var("FEDMICSE_KERNEL_CACHE", dir.path()) };
+        assert_eq!(kernel_cache_dir(), dir.path());
+        unsafe { std::env::remove_var("FEDMICSE_KERNEL_CACHE") };
+        assert_ne!(kernel_cache_dir(), dir.path());
+    }
 
     #[test]
     fn parses_names() {
