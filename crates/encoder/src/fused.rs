@@ -1,12 +1,15 @@
-//! Fused CPU kernels for the element-wise work of a BERT layer — exact GELU, LayerNorm and
-//! softmax over the last dimension — each one pass over rows with a hand-written backward.
+//! Fused CPU kernels for a BERT layer — linear layers, attention, exact GELU, LayerNorm,
+//! softmax, residual adds and dropout products — each one parallel pass with a hand-written
+//! backward, plugged into burn through its backend-extension API.
 //!
 //! Why: burn 0.22 on CPU runs these as chains of separate tensor operations, each allocating
 //! a tensor and, in training, recording an autodiff node (LayerNorm is eight forward
-//! operations and more backward); exact GELU calls a scalar libm `erf` per element, and
-//! burn's GELU backward is the derivative of the *tanh approximation*. Here each operation
-//! is one parallel pass (rayon, by rows) with a vectorisable `exp`/`erf`, and GELU's
-//! gradient is the exact one.
+//! operations and more backward), many of them on one thread; attention splits and merges
+//! heads with strided copies; exact GELU calls a scalar libm `erf` per element, and burn's
+//! GELU backward is the derivative of the *tanh approximation*. Here GEMMs run one block of
+//! rows per rayon thread, attention works on strided per-head views, element-wise work is
+//! vectorised (AVX2 where the CPU has it), and GELU's gradient is the exact one.
+//! BENCHMARKS.md has what each step gained.
 //!
 //! Only burn-ndarray at f32, with or without autodiff, has these kernels. Everywhere else
 //! (CUDA, flex, other precisions) and with [`Kernels::Composed`] the same maths is composed
@@ -33,7 +36,7 @@ use ndarray::linalg::general_mat_mul;
 use ndarray::{ArcArray, ArrayView2, ArrayViewMut2, IxDyn, s};
 use rayon::prelude::*;
 
-/// Which implementation of GELU, LayerNorm and softmax a model uses.
+/// Which implementation of the operations above a model uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Kernels {
     /// The fused kernels where they exist (burn-ndarray, f32), composition elsewhere.
