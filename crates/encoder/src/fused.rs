@@ -50,10 +50,11 @@ impl Kernels {
     /// [`Kernels::Fused`] unless the environment sets `FEDMICSE_KERNELS=composed`: an escape
     /// hatch to rule the fused kernels in or out when a result looks wrong.
     pub fn from_env() -> Self {
-        match std::env::var("FEDMICSE_KERNELS").as_deref() {
+        static CHOICE: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
+        *CHOICE.get_or_init(|| match std::env::var("FEDMICSE_KERNELS").as_deref() {
             Ok("composed") => Kernels::Composed,
             _ => Kernels::Fused,
-        }
+        })
     }
 }
 

@@ -40,9 +40,10 @@ impl Dense {
         }
     }
 
-    /// `x W + b` over the last dimension, with the fused CPU kernel where there is one.
+    /// `x W + b` over the last dimension, with the fused CPU kernel where there is one
+    /// (unless `FEDMICSE_KERNELS=composed`).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        self.forward_with(x, Kernels::Fused)
+        self.forward_with(x, Kernels::from_env())
     }
 
     pub fn forward_with<const D: usize>(&self, x: Tensor<D>, kernels: Kernels) -> Tensor<D> {
