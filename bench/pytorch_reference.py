@@ -42,6 +42,8 @@ def main():
     ap.add_argument("--train-sentences", default="data/wiki/wiki_sentences.txt")
     ap.add_argument("--inference-sentences", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--inference-batch-size", type=int, default=None,
+                    help="sentences per inference batch (default: --batch-size)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--train-steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -71,11 +73,12 @@ def main():
     if not args.unsorted:
         sents.sort(key=len)
     model.eval()
+    ib = args.inference_batch_size or args.batch_size
     for max_len in (32, 128):
         def run():
             with torch.inference_mode(), autocast:
-                for i in range(0, len(sents), args.batch_size):
-                    b = tok(sents[i:i + args.batch_size], padding=True, truncation=True,
+                for i in range(0, len(sents), ib):
+                    b = tok(sents[i:i + ib], padding=True, truncation=True,
                             max_length=max_len, return_tensors="pt").to(device)
                     model(**b).last_hidden_state[:, 0]
             sync()
@@ -85,7 +88,7 @@ def main():
             t = time.perf_counter()
             run()
             times.append(time.perf_counter() - t)
-        rows.append((f"inference, max_len {max_len}", len(sents) / statistics.median(times),
+        rows.append((f"inference, batch {ib}, max_len {max_len}", len(sents) / statistics.median(times),
                      "sentences/s"))
 
     with open(args.train_sentences, encoding="utf-8") as f:

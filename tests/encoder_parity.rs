@@ -156,6 +156,46 @@ fn embed_api_sorts_batches_and_keeps_input_order() {
 }
 
 #[test]
+fn length_buckets_leave_embeddings_unchanged() {
+    // A GPU pads each batch up to a multiple of 8 tokens so shapes repeat; forced here on the
+    // CPU, with CLS and mean pooling, both against the transformers fixtures.
+    let mut enc = Encoder::load(minilm(), &fedmicse_encoder::device::cpu()).unwrap();
+    assert_eq!(
+        enc.pad_multiple(),
+        1,
+        "the CPU pads to the longest row only"
+    );
+    let fx = fixture("minilm_embeddings.json");
+    let sentences = sentences(&fx);
+    let refs: Vec<&str> = sentences.iter().map(String::as_str).collect();
+    for multiple in [8, 48] {
+        enc.set_pad_multiple(multiple);
+        for pooling in [Pooling::Cls, Pooling::Mean] {
+            let opts = EmbedOptions {
+                pooling,
+                max_len: Some(128),
+                batch_size: 3,
+                ..Default::default()
+            };
+            let got = enc.embed(&refs, &opts).unwrap();
+            let key = if pooling == Pooling::Cls {
+                "cls"
+            } else {
+                "mean"
+            };
+            let want = rows_f32(&fx["embeddings"]["max_len_128"][key]);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let diff = max_abs_diff(g, w);
+                assert!(
+                    diff < 1e-4,
+                    "multiple {multiple}, {key}, sentence {i}: {diff}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn attention_probabilities_match_transformers() {
     let device = fedmicse_encoder::device::cpu();
     let enc = Encoder::load(minilm(), &device).unwrap();

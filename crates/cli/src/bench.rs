@@ -50,9 +50,12 @@ pub struct BenchCmd {
     /// Training steps per repetition.
     #[arg(long, default_value_t = 3)]
     pub train_steps: usize,
-    /// Batch size for inference and training.
+    /// Sentences per training batch (and per inference batch unless --inference-batch-size).
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
+    /// Sentences per inference batch (default: --batch-size; GPUs want more, e.g. 256).
+    #[arg(long, value_name = "N")]
+    pub inference_batch_size: Option<usize>,
     /// Skip the training measurements.
     #[arg(long)]
     pub no_train: bool,
@@ -87,8 +90,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn run_bench(cmd: BenchCmd) -> Result<()> {
-    if cmd.repeats == 0 || cmd.batch_size < 2 {
-        bail!("--repeats must be ≥ 1 and --batch-size ≥ 2");
+    let infer_batch = cmd.inference_batch_size.unwrap_or(cmd.batch_size);
+    if cmd.repeats == 0 || cmd.batch_size < 2 || infer_batch == 0 {
+        bail!("--repeats must be ≥ 1, --batch-size ≥ 2 and --inference-batch-size ≥ 1");
     }
     let device = parse_device(&cmd.device)?;
     let cold = Instant::now();
@@ -122,8 +126,13 @@ pub fn run_bench(cmd: BenchCmd) -> Result<()> {
     let n = cmd.inference_sentences.min(sentences.len());
     let refs: Vec<&str> = sentences[..n].iter().map(String::as_str).collect();
     eprintln!(
-        "bench: {} layers, hidden {}, device {}, {} sentences, batch {}",
-        encoder.config.num_hidden_layers, encoder.config.hidden_size, cmd.device, n, cmd.batch_size
+        "bench: {} layers, hidden {}, device {}, {} sentences, batch {} (inference {})",
+        encoder.config.num_hidden_layers,
+        encoder.config.hidden_size,
+        cmd.device,
+        n,
+        cmd.batch_size,
+        infer_batch
     );
     let mut rows = Vec::new();
 
@@ -143,14 +152,18 @@ pub fn run_bench(cmd: BenchCmd) -> Result<()> {
         });
     }
 
+    if device != fedmicse_encoder::device::cpu() {
+        rows.extend(device_check(&encoder, &refs, cmd.batch_size)?);
+    }
+
     for max_len in [32, 128] {
         let opts = EmbedOptions {
             pooling: Pooling::Cls,
             normalize: false,
             max_len: Some(max_len),
-            batch_size: cmd.batch_size,
+            batch_size: infer_batch,
         };
-        encoder.embed(&refs[..cmd.batch_size.min(n)], &opts)?; // warm-up
+        encoder.embed(&refs, &opts)?; // warm-up: every batch shape compiled and tuned
         reset_peak();
         let mut rates = Vec::new();
         for _ in 0..cmd.repeats {
@@ -159,7 +172,7 @@ pub fn run_bench(cmd: BenchCmd) -> Result<()> {
             rates.push(n as f64 / t.elapsed().as_secs_f64());
         }
         rows.push(Row {
-            name: format!("inference, max_len {max_len}"),
+            name: format!("inference, batch {infer_batch}, max_len {max_len}"),
             value: median(rates),
             unit: "sentences/s".into(),
             peak_rss_mib: peak_rss_mib(),
@@ -218,9 +231,13 @@ pub fn run_bench(cmd: BenchCmd) -> Result<()> {
     println!("|---|---:|---|---:|");
     for r in &rows {
         println!(
-            "| {} | {:.2} | {} | {} |",
+            "| {} | {} | {} | {} |",
             r.name,
-            r.value,
+            if r.value != 0.0 && r.value.abs() < 0.01 {
+                format!("{:.2e}", r.value)
+            } else {
+                format!("{:.2}", r.value)
+            },
             r.unit,
             r.peak_rss_mib.map_or("-".into(), |m| format!("{m:.0}"))
         );
@@ -231,12 +248,82 @@ pub fn run_bench(cmd: BenchCmd) -> Result<()> {
             "layers": encoder.config.num_hidden_layers,
             "hidden": encoder.config.hidden_size,
             "batch_size": cmd.batch_size,
+            "inference_batch_size": infer_batch,
             "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             "rows": rows,
         });
         std::fs::write(path, serde_json::to_string_pretty(&v)?)?;
     }
     Ok(())
+}
+
+/// On any device but the default CPU one (a GPU, or `flex`), the same work on the CPU: embeddings (max length 128,
+/// padded into the device's length buckets there) and one miCSE step without dropout (same
+/// weights, head and AMI samples), so a fast run is also shown to be a right one. GPUs run
+/// f32 matmuls on TF32 tensor cores, so expect relative differences near 1e-3, not 1e-6.
+fn device_check(encoder: &Encoder, sentences: &[&str], batch: usize) -> Result<Vec<Row>> {
+    let cpu = fedmicse_encoder::device::cpu();
+    let reference = encoder.to_device(&cpu);
+    let n = sentences.len().min(256);
+    let opts = EmbedOptions {
+        pooling: Pooling::Cls,
+        normalize: false,
+        max_len: Some(128),
+        batch_size: 64,
+    };
+    let (ours, want) = (
+        encoder.embed(&sentences[..n], &opts)?,
+        reference.embed(&sentences[..n], &opts)?,
+    );
+    let (ours, want) = (ours.concat(), want.concat());
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = ours
+        .iter()
+        .zip(&want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let step = |enc: &Encoder| -> Result<fedmicse_training::StepMetrics> {
+        let mut model = enc.model.clone();
+        model.dims.hidden_dropout = 0.0;
+        model.dims.attention_dropout = 0.0;
+        let mut c = TrainConfig::paper(model.num_layers(), 1e-3);
+        c.batch_size = batch.min(n);
+        let mut trainer = Trainer::new(&enc.with_model(model), None, c)?;
+        Ok(trainer.step(&sentences[..batch.min(n)])?)
+    };
+    let (ours_step, want_step) = (step(encoder)?, step(&reference)?);
+    let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
+    let rows = vec![
+        (
+            "embeddings vs CPU, max abs Δ / max abs value",
+            (diff / scale) as f64,
+        ),
+        (
+            "miCSE loss vs CPU, relative Δ",
+            rel(ours_step.loss, want_step.loss),
+        ),
+        (
+            "gradient norm vs CPU, relative Δ",
+            rel(ours_step.grad_norm, want_step.grad_norm),
+        ),
+    ];
+    for (name, value) in &rows {
+        if !value.is_finite() || *value > 1e-2 {
+            tracing::warn!(
+                check = name,
+                value,
+                "the device disagrees with the CPU reference"
+            );
+        }
+    }
+    Ok(rows
+        .into_iter()
+        .map(|(name, value)| Row {
+            name: name.into(),
+            value,
+            unit: "ratio".into(),
+            peak_rss_mib: None,
+        })
+        .collect())
 }
 
 impl Preset {

@@ -49,6 +49,14 @@ pub fn is_host(device: &Device) -> bool {
     false
 }
 
+/// The sequence-length multiple inference batches are padded to on `device`: 8 on a GPU
+/// (a few repeating shapes instead of one per length, so kernels are compiled and tuned
+/// once; multiples of 8 also suit tensor cores), 1 on the CPU, where padding is only extra
+/// work. Training batches are not rounded: the AMI term depends on the padded length.
+pub fn pad_multiple(device: &Device) -> usize {
+    if is_host(device) { 1 } else { 8 }
+}
+
 #[cfg(feature = "flex")]
 fn flex() -> Result<Device> {
     Ok(Device::flex())

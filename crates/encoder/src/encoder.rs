@@ -144,6 +144,8 @@ pub struct Encoder {
     device: Device,
     /// Tokenizer files of the source directory, written back on save.
     tokenizer_files: Vec<(String, Vec<u8>)>,
+    /// Inference batches are padded to a multiple of this many tokens.
+    pad_multiple: usize,
 }
 
 impl Encoder {
@@ -182,6 +184,7 @@ impl Encoder {
             config,
             device: device.clone(),
             tokenizer_files,
+            pad_multiple: crate::device::pad_multiple(device),
         })
     }
 
@@ -198,6 +201,7 @@ impl Encoder {
             config,
             device: device.clone(),
             tokenizer_files: Vec::new(),
+            pad_multiple: crate::device::pad_multiple(device),
         }
     }
 
@@ -209,6 +213,7 @@ impl Encoder {
             config: self.config.clone(),
             device: self.device.clone(),
             tokenizer_files: self.tokenizer_files.clone(),
+            pad_multiple: self.pad_multiple,
         })
     }
 
@@ -220,11 +225,35 @@ impl Encoder {
             config: self.config.clone(),
             device: self.device.clone(),
             tokenizer_files: self.tokenizer_files.clone(),
+            pad_multiple: self.pad_multiple,
+        }
+    }
+
+    /// The same encoder with its weights copied to `device`.
+    pub fn to_device(&self, device: &Device) -> Self {
+        Encoder {
+            model: burn::module::Module::to_device(self.model.clone(), device),
+            tokenizer: self.tokenizer.clone(),
+            config: self.config.clone(),
+            device: device.clone(),
+            tokenizer_files: self.tokenizer_files.clone(),
+            pad_multiple: crate::device::pad_multiple(device),
         }
     }
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Inference pads each batch's sequence length up to a multiple of this (see
+    /// [`device::pad_multiple`](crate::device::pad_multiple)); embeddings do not change.
+    pub fn pad_multiple(&self) -> usize {
+        self.pad_multiple
+    }
+
+    /// Overrides [`pad_multiple`](Self::pad_multiple) (1: pad to the longest row only).
+    pub fn set_pad_multiple(&mut self, multiple: usize) {
+        self.pad_multiple = multiple.max(1);
     }
 
     /// The weights under their HuggingFace names.
@@ -303,6 +332,7 @@ impl Encoder {
             config,
             device: device.clone(),
             tokenizer_files,
+            pad_multiple: crate::device::pad_multiple(device),
         })
     }
 
@@ -344,7 +374,11 @@ impl Encoder {
         let mut out = vec![Vec::new(); sentences.len()];
         for chunk in order.chunks(opts.batch_size) {
             let rows: Vec<&Tokens> = chunk.iter().map(|&i| &tokens[i]).collect();
-            let batch = self.tokenizer.pad(&rows);
+            let batch = self.tokenizer.pad_rounded(
+                &rows,
+                self.pad_multiple,
+                self.config.max_position_embeddings,
+            );
             let vectors = self.embed_batch(&BatchTensors::new(&batch, &self.device), opts)?;
             let dim = vectors.dims()[1];
             let flat = vectors

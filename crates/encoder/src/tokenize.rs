@@ -168,7 +168,19 @@ impl TextTokenizer {
 
     /// Pads already tokenised rows to the longest one.
     pub fn pad(&self, rows: &[&Tokens]) -> TokenBatch {
-        let seq_len = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+        self.pad_rounded(rows, 1, usize::MAX)
+    }
+
+    /// Pads rows to the longest one rounded up to a multiple of `multiple`, but never past
+    /// `limit` (the model's position table) nor shorter than the longest row. Fewer distinct
+    /// shapes mean fewer kernel compilations and autotune runs on a GPU; the attention mask
+    /// keeps the result the same.
+    pub fn pad_rounded(&self, rows: &[&Tokens], multiple: usize, limit: usize) -> TokenBatch {
+        let longest = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+        let seq_len = longest
+            .next_multiple_of(multiple.max(1))
+            .min(limit)
+            .max(longest);
         let batch = rows.len();
         let mut input_ids = vec![self.pad_id as i64; batch * seq_len];
         let mut attention_mask = vec![0i64; batch * seq_len];
@@ -201,4 +213,36 @@ fn uncased(dir: &Path) -> bool {
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .and_then(|v| v.get("do_lower_case").and_then(|b| b.as_bool()))
         .unwrap_or(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> TextTokenizer {
+        let dir = tempfile::tempdir().unwrap();
+        let vocab = dir.path().join("vocab.txt");
+        std::fs::write(&vocab, "[PAD]\n[UNK]\n[CLS]\n[SEP]\na\nb\n").unwrap();
+        TextTokenizer::from_vocab(&vocab, true).unwrap()
+    }
+
+    #[test]
+    fn padding_rounds_up_within_the_limit() {
+        let tok = tiny();
+        let short = tok.tokenize("a b", 64).unwrap(); // [CLS] a b [SEP]
+        let long = tok.tokenize(&"a ".repeat(9), 64).unwrap(); // 11 tokens
+        let rows = [&short, &long];
+        assert_eq!(tok.pad(&rows).seq_len, 11);
+        let rounded = tok.pad_rounded(&rows, 8, 512);
+        assert_eq!(rounded.seq_len, 16);
+        assert_eq!(rounded.lengths, vec![4, 11]);
+        // Padding positions are [PAD] with mask 0; real tokens are unchanged.
+        assert_eq!(&rounded.input_ids[..4], &[2, 4, 5, 3]);
+        assert!(rounded.input_ids[4..16].iter().all(|&id| id == 0));
+        assert_eq!(rounded.attention_mask[16..16 + 12].iter().sum::<i64>(), 11);
+        // The position table caps the rounding, but never below the longest row.
+        assert_eq!(tok.pad_rounded(&rows, 8, 13).seq_len, 13);
+        assert_eq!(tok.pad_rounded(&rows, 8, 5).seq_len, 11);
+        assert_eq!(tok.pad_rounded(&rows, 0, 512).seq_len, 11);
+    }
 }
