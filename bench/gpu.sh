@@ -27,7 +27,6 @@ exec > >(tee -a "$LOG") 2>&1
 
 # Kernel caches live outside OUT_DIR: they hold thousands of small files.
 CACHE=${FEDMICSE_KERNEL_CACHE:-/tmp/fedmicse-bench-kernels}
-rm -rf "$CACHE" "$CACHE-minimal"
 export RUST_LOG=${RUST_LOG:-info}
 # Steps to run (each has its own time limit; pick fewer when device time is short).
 PHASES=${PHASES:-"cold warm minimal pytorch"}
@@ -47,10 +46,11 @@ bench() { # name, time limit (s), kernel cache folder
 }
 for phase in $PHASES; do
   case $phase in
-    cold) bench cold 240 "$CACHE" ;;      # empty cache: compile and autotune everything
+    cold) rm -rf "$CACHE"; bench cold 240 "$CACHE" ;; # compile and autotune everything
     warm) bench warm 150 "$CACHE" ;;      # the cache `cold` filled
     # Empty cache, autotune at its lightest: the cold start a user can choose.
-    minimal) CUBECL_AUTOTUNE_LEVEL=minimal bench cold-minimal 240 "$CACHE-minimal" ;;
+    minimal) rm -rf "$CACHE-minimal"
+      CUBECL_AUTOTUNE_LEVEL=minimal bench cold-minimal 240 "$CACHE-minimal" ;;
     pytorch)
       if python3 -c 'import torch, transformers; assert torch.cuda.is_available()' 2>/dev/null; then
         MODEL=/tmp/fedmicse-bert-base
