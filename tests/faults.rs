@@ -202,7 +202,7 @@ async fn every_kind_of_bad_update_is_refused_with_its_own_status() {
         "duplicate",
     );
     assert!(
-        b.submit(round, 30, metrics(), Arc::new(good_b.clone()))
+        b.submit(round, 20, metrics(), Arc::new(good_b.clone()))
             .await
             .unwrap()
             .accepted
@@ -213,7 +213,7 @@ async fn every_kind_of_bad_update_is_refused_with_its_own_status() {
 
     assert_close(
         &running.global().tensors,
-        &fedavg(&global, &[(10, &good), (30, &good_b)]),
+        &fedavg(&global, &[(10, &good), (20, &good_b)]),
     );
     let kinds: Vec<&str> = seen.keys().map(String::as_str).collect();
     assert_eq!(
@@ -254,7 +254,7 @@ async fn vanished_agents_do_not_block_and_too_few_answers_retry_the_round() {
         .map(|id| connect(running.addr, &certs, id))
         .collect();
     for c in conns.iter_mut() {
-        c.join(10).await.unwrap(); // registered before the round opens
+        c.join(100).await.unwrap(); // registered before the round opens
     }
     let mut round = 0;
     for c in conns.iter_mut() {
@@ -283,7 +283,7 @@ async fn vanished_agents_do_not_block_and_too_few_answers_retry_the_round() {
     let mut b = conns.pop().unwrap();
     wait_selected(&mut b).await;
     let db = synthetic_delta(&global, 13, 0.01);
-    b.submit(round, 15, metrics(), Arc::new(db.clone()))
+    b.submit(round, 10, metrics(), Arc::new(db.clone()))
         .await
         .unwrap();
     tokio::time::timeout(Duration::from_secs(30), running.wait_done())
@@ -291,7 +291,7 @@ async fn vanished_agents_do_not_block_and_too_few_answers_retry_the_round() {
         .unwrap();
     assert_close(
         &running.global().tensors,
-        &fedavg(&global, &[(5, &da), (15, &db)]),
+        &fedavg(&global, &[(5, &da), (10, &db)]),
     );
     assert_eq!(running.history().last().unwrap().clients, 2);
     running.shutdown().await;
@@ -505,7 +505,7 @@ async fn drive_agents(conns: &mut [Connection], deltas: &[Vec<TensorMap>], until
     for _ in 0..2000 {
         let mut all = true;
         for (i, c) in conns.iter_mut().enumerate() {
-            let Ok(r) = c.join(10).await else {
+            let Ok(r) = c.join(100).await else {
                 all = false;
                 continue;
             };
@@ -596,7 +596,7 @@ async fn sigkill_during_aggregation_then_restart_loses_nothing() {
     // Register both agents (the process needs a moment to start), then take round 1.
     for c in conns.iter_mut() {
         for _ in 0..600 {
-            if c.join(10).await.is_ok() {
+            if c.join(100).await.is_ok() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -605,7 +605,7 @@ async fn sigkill_during_aggregation_then_restart_loses_nothing() {
     for (i, c) in conns.iter_mut().enumerate() {
         let mut round = 0;
         for _ in 0..600 {
-            if let Ok(r) = c.join(10).await
+            if let Ok(r) = c.join(100).await
                 && r.selected
             {
                 round = r.round;
@@ -646,7 +646,7 @@ async fn sigkill_during_aggregation_then_restart_loses_nothing() {
     let mut probe = connect(addr, &certs, "a");
     for c in conns.iter_mut() {
         for _ in 0..600 {
-            match c.join(10).await {
+            match c.join(100).await {
                 Ok(r) => {
                     assert!(
                         !(r.round == 1 && r.selected),

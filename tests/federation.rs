@@ -309,9 +309,12 @@ fn simulate_command_runs_a_small_federation() {
         String::from_utf8_lossy(&out.stderr)
     );
     let o = dir.path().join("out");
-    let rounds: serde_json::Value =
+    let log: serde_json::Value =
         serde_json::from_slice(&std::fs::read(o.join("rounds.json")).unwrap()).unwrap();
-    let rounds = rounds.as_array().unwrap();
+    assert_eq!(log["byzantine"], serde_json::json!([]));
+    assert!(log["attack"].is_null());
+    assert_eq!(log["defences"], "default");
+    let rounds = log["rounds"].as_array().unwrap();
     assert_eq!(rounds.len(), 3, "round 0 (start) and 2 rounds");
     for (i, r) in rounds.iter().enumerate() {
         assert_eq!(r["round"], i);

@@ -99,6 +99,7 @@ async fn metrics_http_api_status_and_agent_metrics() {
         http: fedmicse_agent::config::HttpConfig {
             listen: Some(format!("127.0.0.1:{agent_port}").parse().unwrap()),
         },
+        limits: Default::default(),
     };
     let agent = Agent::new(&cfg, shard).unwrap();
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -51,6 +51,7 @@ pub fn coordinator_config(
         server: ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             allow_plaintext: false,
+            ..Default::default()
         },
         tls: Some(TlsConfig {
             ca: certs.join("ca.pem"),
@@ -107,7 +108,7 @@ pub fn connect(addr: std::net::SocketAddr, certs: &Path, id: &str) -> Connection
 /// Joins until selected for an open round; returns the round.
 pub async fn wait_selected(conn: &mut Connection) -> u64 {
     for _ in 0..600 {
-        let r = conn.join(10).await.unwrap();
+        let r = conn.join(100).await.unwrap();
         if r.phase == pb::Phase::Training as i32 && r.selected {
             return r.round;
         }

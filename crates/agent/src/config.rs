@@ -27,6 +27,46 @@ pub struct AgentConfig {
     pub retry: RetryConfig,
     #[serde(default)]
     pub http: HttpConfig,
+    /// The most this agent accepts in a model from the coordinator.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// Ceilings on a pulled model, checked against the coordinator's header before anything
+/// is allocated (a compromised coordinator cannot make the agent run out of memory).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Tensors in the model.
+    pub max_tensors: usize,
+    /// Bytes of all tensors together.
+    pub max_total_bytes: u64,
+    /// Files that come with the model (config.json, tokenizer files), and bytes of each.
+    pub max_files: usize,
+    pub max_file_bytes: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let d = fedmicse_wire::client::PullLimits::default();
+        LimitsConfig {
+            max_tensors: d.max_tensors,
+            max_total_bytes: d.max_total_bytes,
+            max_files: d.max_files,
+            max_file_bytes: d.max_file_bytes,
+        }
+    }
+}
+
+impl From<&LimitsConfig> for fedmicse_wire::client::PullLimits {
+    fn from(l: &LimitsConfig) -> Self {
+        fedmicse_wire::client::PullLimits {
+            max_tensors: l.max_tensors,
+            max_total_bytes: l.max_total_bytes,
+            max_file_bytes: l.max_file_bytes,
+            max_files: l.max_files,
+        }
+    }
 }
 
 /// /health and Prometheus /metrics of the agent.
@@ -123,6 +163,11 @@ impl AgentConfig {
         if self.retry.initial_ms == 0 || self.retry.max_ms < self.retry.initial_ms {
             return Err("retry: need 0 < initial_ms <= max_ms".into());
         }
+        let l = &self.limits;
+        if l.max_tensors == 0 || l.max_total_bytes == 0 || l.max_files == 0 || l.max_file_bytes == 0
+        {
+            return Err("limits: every limit must be above 0".into());
+        }
         Ok(())
     }
 
@@ -164,5 +209,17 @@ file = "shard.txt"
         let mut p = c.clone();
         p.coordinator = "http://127.0.0.1:1".into();
         assert!(p.validate().unwrap_err().contains("plaintext_client_id"));
+
+        assert_eq!(c.limits, LimitsConfig::default());
+        let l: AgentConfig = toml::from_str(&format!(
+            "{text}\n[limits]\nmax_total_bytes = 1000\nmax_files = 2\n"
+        ))
+        .unwrap();
+        let pull = fedmicse_wire::client::PullLimits::from(&l.limits);
+        assert_eq!((pull.max_total_bytes, pull.max_files), (1000, 2));
+        assert_eq!(pull.max_tensors, 4096);
+        assert!(
+            toml::from_str::<AgentConfig>(&format!("{text}\n[limits]\nmax_bytes = 1\n")).is_err()
+        );
     }
 }

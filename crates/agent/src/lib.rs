@@ -3,6 +3,7 @@
 //! sentences and sends back the weight delta `Δ = W_local − W_global`. The sentences never
 //! leave the machine. Reconnects with backoff when the coordinator is away.
 
+pub mod attack;
 pub mod config;
 pub mod local;
 pub mod metrics;
@@ -13,7 +14,7 @@ use std::time::Duration;
 use fedmicse_encoder::{Encoder, TensorMap, parse_device};
 use fedmicse_federation::{TaskConfig, delta, trainable_names};
 use fedmicse_training::MlpHead;
-use fedmicse_wire::client::{Connection, PulledModel, Target};
+use fedmicse_wire::client::{Connection, PullError, PulledModel, Target};
 use fedmicse_wire::pb::{self, LocalMetrics};
 use tokio::sync::{Semaphore, watch};
 use tonic::Code;
@@ -50,6 +51,10 @@ pub struct Agent {
     name: String,
     http: Option<std::net::SocketAddr>,
     pub metrics: Arc<metrics::AgentMetrics>,
+    /// A hostile agent (attack simulations); `None` for every real agent.
+    attack: Option<attack::Attack>,
+    /// The most this agent accepts in a pulled model (`[limits]`).
+    pull_limits: fedmicse_wire::client::PullLimits,
 }
 
 fn permanent(code: Code) -> bool {
@@ -91,12 +96,27 @@ impl Agent {
             train_gate: None,
             http: config.http.listen,
             metrics: Arc::new(metrics::AgentMetrics::new()),
+            attack: None,
+            pull_limits: (&config.limits).into(),
         })
     }
 
     pub fn with_train_gate(mut self, gate: Arc<Semaphore>) -> Self {
         self.train_gate = Some(gate);
         self
+    }
+
+    /// Makes this agent hostile: it trains honestly, then corrupts what it sends
+    /// (attack simulations only).
+    pub fn with_attack(mut self, a: attack::Attack) -> Self {
+        self.attack = Some(a);
+        self
+    }
+
+    /// The shard size declared at Join (a sample-inflation attacker lies here).
+    fn join_shard_size(&self) -> u64 {
+        let honest = self.shard.len() as u64;
+        self.attack.map_or(honest, |a| a.join_shard_size(honest))
     }
 
     /// Runs until the federation is done, `stop` is set, or a permanent error (refused
@@ -118,7 +138,7 @@ impl Agent {
             if *stop.borrow() {
                 return Ok(report);
             }
-            let wait = match conn.join(self.shard.len() as u64).await {
+            let wait = match conn.join(self.join_shard_size()).await {
                 Err(status) if permanent(status.code()) => {
                     return Err(format!("coordinator refused us: {}", status.message()));
                 }
@@ -173,16 +193,26 @@ impl Agent {
         report: &mut AgentReport,
     ) -> Result<(), (String, Option<Code>)> {
         let status_err = |s: tonic::Status| (s.message().to_string(), Some(s.code()));
-        let task: TaskConfig = resp
+        let task = resp
             .task
             .as_ref()
-            .ok_or_else(|| ("selected without a task".to_string(), None))?
-            .into();
+            .ok_or_else(|| "selected without a task".to_string())
+            .and_then(TaskConfig::try_from)
+            .map_err(|e| refuse(&report.client_id, resp.round, "task", e))?;
         let reusable = pending
             .as_ref()
             .is_some_and(|p| p.round == resp.round && p.model_digest == resp.model_digest);
         if !reusable {
-            let pulled = conn.pull(resp.round).await.map_err(status_err)?;
+            let pulled = conn
+                .pull_with(resp.round, &self.pull_limits)
+                .await
+                .map_err(|e| match e {
+                    PullError::Status(s) => status_err(s),
+                    // Beyond this agent's limits, or not what its own header declared.
+                    PullError::Refused(why) => refuse(&report.client_id, resp.round, "model", why),
+                })?;
+            check_pulled(&pulled, resp)
+                .map_err(|e| refuse(&report.client_id, resp.round, "model", e))?;
             report.bytes_down += pulled.bytes;
             self.metrics.bytes_down.inc_by(pulled.bytes);
             tracing::info!(agent = %report.client_id, round = resp.round, bytes = pulled.bytes, "pulled the global model");
@@ -228,8 +258,19 @@ impl Agent {
         }
         let p = pending.as_ref().expect("pending update");
         let bytes = fedmicse_wire::tensors::total_bytes_as(&p.delta, p.dtype);
+        let (num_samples, delta) = attack::before_submit(
+            self.attack,
+            &self.target,
+            p.round,
+            p.num_samples,
+            p.metrics,
+            &p.delta,
+            p.dtype,
+        )
+        .await
+        .map_err(status_err)?;
         let r = conn
-            .submit_as(p.round, p.num_samples, p.metrics, p.delta.clone(), p.dtype)
+            .submit_as(p.round, num_samples, p.metrics, delta, p.dtype)
             .await
             .map_err(status_err)?;
         report.bytes_up += bytes;
@@ -240,6 +281,39 @@ impl Agent {
         *pending = None;
         Ok(())
     }
+}
+
+/// A task or model the agent will not train on: logged as an error with the reason; the
+/// round fails (counted in `failures`, retried after a backoff while it is open).
+fn refuse(agent: &str, round: u64, what: &str, reason: String) -> (String, Option<Code>) {
+    tracing::error!(agent, round, refused = what, %reason, "refusing what the coordinator sent");
+    (format!("refused the {what}: {reason}"), None)
+}
+
+/// The pulled model must be the one the Join answer announced: the global model the open
+/// round `resp.round` starts from (committed as round `resp.round - 1`), with its digest.
+fn check_pulled(pulled: &PulledModel, resp: &pb::JoinResponse) -> Result<(), String> {
+    if pulled.digest != resp.model_digest {
+        return Err(format!(
+            "its digest {} is not the {} announced for round {}",
+            hex(&pulled.digest),
+            hex(&resp.model_digest),
+            resp.round
+        ));
+    }
+    if pulled.round.checked_add(1) != Some(resp.round) {
+        return Err(format!(
+            "it is the model of round {}, but round {} starts from round {}",
+            pulled.round,
+            resp.round,
+            resp.round.wrapping_sub(1)
+        ));
+    }
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Distinct seeds per agent and round (dropout masks, AMI samples, batch order).

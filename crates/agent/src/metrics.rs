@@ -86,10 +86,18 @@ pub async fn serve(
                 async move { m.render() }
             }),
         );
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(l, app).await {
-            tracing::error!(error = %e, "agent HTTP server failed");
-        }
-    });
+    // Same limits as the coordinator's listener: a few scrapers, no half-sent requests.
+    let limits = fedmicse_wire::listen::ConnLimits {
+        max_connections: 64,
+        idle: std::time::Duration::from_secs(60),
+    };
+    tokio::spawn(fedmicse_wire::listen::serve_http(
+        l,
+        app,
+        limits,
+        std::time::Duration::from_secs(10),
+        Default::default(),
+        std::future::pending(),
+    ));
     Ok(addr)
 }

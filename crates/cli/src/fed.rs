@@ -114,6 +114,10 @@ pub enum CertsCmd {
         /// Validity of the coordinator certificate in days (the CA gets five times that).
         #[arg(long, default_value_t = certs::DEFAULT_DAYS)]
         days: i64,
+        /// Replace existing files in DIR. A new CA invalidates every certificate issued by
+        /// the old one. Without it, init refuses to overwrite any key or certificate.
+        #[arg(long)]
+        force: bool,
     },
     /// Issue an agent certificate: OUT/ID.pem, OUT/ID.key and a copy of ca.pem. The id is
     /// the certificate's common name; put it on the coordinator's allowlist.
@@ -128,6 +132,10 @@ pub enum CertsCmd {
         out: PathBuf,
         #[arg(long, default_value_t = certs::DEFAULT_DAYS)]
         days: i64,
+        /// Replace an existing OUT/ID.pem and OUT/ID.key (and a different OUT/ca.pem).
+        /// Without it, issue refuses to overwrite any key or certificate.
+        #[arg(long)]
+        force: bool,
     },
     /// Revoke a certificate (by its serial, with --cert) or every certificate of a client id
     /// (--name): appends to the revocation list the coordinator re-reads while running.
@@ -144,8 +152,13 @@ pub enum CertsCmd {
 
 pub fn run_certs(cmd: CertsCmd) -> Result<()> {
     match cmd {
-        CertsCmd::Init { out, hosts, days } => {
-            let o = certs::init(&out, &hosts, days)?;
+        CertsCmd::Init {
+            out,
+            hosts,
+            days,
+            force,
+        } => {
+            let o = certs::init_with(&out, &hosts, days, force)?;
             println!(
                 "CA:          {} (key {}: keep it offline)",
                 o.ca_cert.display(),
@@ -162,8 +175,9 @@ pub fn run_certs(cmd: CertsCmd) -> Result<()> {
             name,
             out,
             days,
+            force,
         } => {
-            let serial = certs::issue(&ca, &name, &out, days)?;
+            let serial = certs::issue_with(&ca, &name, &out, days, force)?;
             println!(
                 "agent {name}: {}/{name}.pem (key {}/{name}.key), serial {serial}",
                 out.display(),
@@ -226,6 +240,7 @@ pub fn run_status(cmd: StatusCmd) -> Result<()> {
         device: "cpu".into(),
         retry: Default::default(),
         http: Default::default(),
+        limits: Default::default(),
     };
     let target = Target {
         url: cmd.coordinator.clone(),

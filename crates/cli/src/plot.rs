@@ -1,11 +1,12 @@
-//! `fedmicse plot rounds` and `fedmicse plot embeddings`.
+//! `fedmicse plot rounds`, `fedmicse plot compare` and `fedmicse plot embeddings`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use fedmicse_coordinator::RoundRecord;
 use fedmicse_encoder::{EmbedOptions, Encoder, Pooling, parse_device};
+use fedmicse_plot::{Panel, Series, line_panels};
 
 #[derive(Subcommand, Debug)]
 pub enum PlotCmd {
@@ -16,6 +17,18 @@ pub enum PlotCmd {
         log: PathBuf,
         #[arg(long, value_name = "PNG", default_value = "rounds.png")]
         out: PathBuf,
+    },
+    /// The global model's STS dev per round for several runs, one line each (e.g. one attack
+    /// without defences, with the default defences and with median aggregation).
+    Compare {
+        /// A run: LABEL=FILE, FILE a simulation's rounds.json or a coordinator's
+        /// rounds.jsonl. Repeat for each line.
+        #[arg(long = "run", value_name = "LABEL=FILE", required = true, value_parser = parse_run)]
+        runs: Vec<(String, PathBuf)>,
+        #[arg(long, value_name = "PNG", default_value = "compare.png")]
+        out: PathBuf,
+        #[arg(long, default_value = "Global model: STS dev Spearman ×100 per round")]
+        title: String,
     },
     /// A 2-D PCA projection of sentence embeddings, coloured by a label column: TSV with a
     /// header naming the columns, e.g. "label<TAB>sentence".
@@ -40,25 +53,17 @@ pub enum PlotCmd {
 pub fn run_plot(cmd: PlotCmd) -> Result<()> {
     match cmd {
         PlotCmd::Rounds { log, out } => {
-            let text = std::fs::read_to_string(&log)
-                .with_context(|| format!("reading {}", log.display()))?;
-            let records: Vec<RoundRecord> = if text.trim_start().starts_with('[') {
-                serde_json::from_str(&text).with_context(|| format!("{}", log.display()))?
-            } else {
-                text.lines()
-                    .filter(|l| !l.trim().is_empty())
-                    .enumerate()
-                    .map(|(i, l)| {
-                        serde_json::from_str(l)
-                            .with_context(|| format!("{}:{}", log.display(), i + 1))
-                    })
-                    .collect::<Result<_>>()?
-            };
-            if records.is_empty() {
-                bail!("{}: no rounds", log.display());
-            }
+            let records = crate::simulate::read_rounds(&log)?;
             crate::simulate::plot_rounds(&out, &records)?;
             eprintln!("wrote {} ({} rounds)", out.display(), records.len());
+        }
+        PlotCmd::Compare { runs, out, title } => {
+            let runs = runs
+                .into_iter()
+                .map(|(label, path)| Ok((label, crate::simulate::read_rounds(&path)?)))
+                .collect::<Result<Vec<_>>>()?;
+            plot_compare(&out, &title, &runs)?;
+            eprintln!("wrote {} ({} runs)", out.display(), runs.len());
         }
         PlotCmd::Embeddings {
             model,
@@ -136,6 +141,42 @@ pub fn run_plot(cmd: PlotCmd) -> Result<()> {
     Ok(())
 }
 
+fn parse_run(s: &str) -> std::result::Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((label, file)) if !label.is_empty() && !file.is_empty() => {
+            Ok((label.to_string(), PathBuf::from(file)))
+        }
+        _ => Err(format!("{s:?}: expected LABEL=FILE")),
+    }
+}
+
+/// One panel: STS dev of the global model per round, one line per run.
+pub fn plot_compare(out: &Path, title: &str, runs: &[(String, Vec<RoundRecord>)]) -> Result<()> {
+    if runs.is_empty() {
+        bail!("no runs to compare");
+    }
+    let series = runs
+        .iter()
+        .map(|(label, records)| {
+            Series::marked(
+                label.clone(),
+                records
+                    .iter()
+                    .filter_map(|r| r.stsb_dev.map(|v| (r.round as f64, v)))
+                    .collect(),
+            )
+        })
+        .collect();
+    let panel = Panel {
+        title: "STS dev Spearman ×100 of the global model".into(),
+        x_label: "round".into(),
+        y_label: "Spearman".into(),
+        series,
+        y_from_zero: false,
+    };
+    line_panels(out, title, &[panel], 900).map_err(anyhow::Error::msg)
+}
+
 /// Projects rows on the top two principal components (power iteration with deflation on the
 /// covariance). Returns the 2-D points and the share of variance they explain.
 pub fn pca_2d(rows: &[Vec<f32>]) -> (Vec<(f64, f64)>, f64) {
@@ -206,6 +247,82 @@ pub fn pca_2d(rows: &[Vec<f32>]) -> (Vec<(f64, f64)>, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(round: u64, dev: Option<f64>) -> RoundRecord {
+        RoundRecord {
+            round,
+            clients: 3,
+            mean_loss: None,
+            stsb_dev: dev,
+            bytes_up: 0,
+            bytes_down: 0,
+            seconds: 0.0,
+            refused: Default::default(),
+            bounded: 0,
+            step_ratio: None,
+        }
+    }
+
+    #[test]
+    fn compare_draws_one_line_per_run() {
+        let dir = std::env::temp_dir().join(format!("fedmicse-compare-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A run as `simulate` writes it (an object) and one as a bare array.
+        let a = dir.join("a.json");
+        let recs: Vec<RoundRecord> = (0..4).map(|r| record(r, Some(80.0 + r as f64))).collect();
+        std::fs::write(
+            &a,
+            serde_json::to_string(&serde_json::json!({"attack": "scale", "rounds": recs})).unwrap(),
+        )
+        .unwrap();
+        let b = dir.join("b.json");
+        let recs: Vec<RoundRecord> = (0..4)
+            .map(|r| record(r, (r != 2).then(|| 80.0 - 20.0 * r as f64)))
+            .collect();
+        std::fs::write(&b, serde_json::to_string(&recs).unwrap()).unwrap();
+        let runs = vec![
+            (
+                "default".to_string(),
+                crate::simulate::read_rounds(&a).unwrap(),
+            ),
+            (
+                "none".to_string(),
+                crate::simulate::read_rounds(&b).unwrap(),
+            ),
+        ];
+        assert_eq!(runs[0].1.len(), 4);
+        assert_eq!(runs[1].1[2].stsb_dev, None);
+        let out = dir.join("compare.png");
+        plot_compare(&out, "scale attack", &runs).unwrap();
+        let decoder =
+            png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap()));
+        let mut reader = decoder.read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        assert_eq!((info.width, info.height), (900, 380));
+        let px = &buf[..info.buffer_size()];
+        let step = info.color_type.samples();
+        let colours: std::collections::HashSet<&[u8]> = px.chunks(step).collect();
+        assert!(colours.len() > 20, "{} colours", colours.len());
+        let white = px
+            .chunks(step)
+            .filter(|p| p.iter().all(|&v| v == 255))
+            .count();
+        let total = px.len() / step;
+        assert!(
+            white < total * 99 / 100,
+            "nearly blank: {white}/{total} white"
+        );
+        // Both line colours of the plot crate's palette are there.
+        let has = |rgb: [u8; 3]| px.chunks(step).any(|p| p[..3] == rgb);
+        assert!(has([31, 119, 180]) && has([214, 39, 40]));
+        assert!(parse_run("x").is_err());
+        assert_eq!(
+            parse_run("a=b.json").unwrap(),
+            ("a".into(), PathBuf::from("b.json"))
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn pca_finds_the_main_axis() {

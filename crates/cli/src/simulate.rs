@@ -7,13 +7,15 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use fedmicse_agent::attack::Attack;
 use fedmicse_agent::{Agent, AgentConfig};
 use fedmicse_coordinator::config::{
-    EvalConfig, FederationConfig, InferenceConfig, ServerConfig, TlsConfig,
+    AggregationConfig, EvalConfig, FederationConfig, InferenceConfig, ServerConfig, TlsConfig,
 };
 use fedmicse_coordinator::{Coordinator, CoordinatorConfig, RoundRecord};
 use fedmicse_encoder::{EmbedOptions, Encoder, Pooling, parse_device};
 use fedmicse_federation::partition::{self, Partition};
+use fedmicse_federation::robust::Strategy;
 use fedmicse_federation::{TaskConfig, UpdateRules};
 use fedmicse_plot::{Panel, Series, line_panels};
 use fedmicse_training::data::{read_sentences, sample};
@@ -57,6 +59,9 @@ pub struct SimulateConfig {
     pub eval: EvalConfig,
     #[serde(default)]
     pub updates: UpdateRules,
+    /// How the coordinator combines updates (the coordinator's `[aggregation]`).
+    #[serde(default)]
+    pub aggregation: AggregationConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -124,6 +129,102 @@ pub struct SimulateCmd {
     /// Output directory [overrides `output`].
     #[arg(long, value_name = "DIR")]
     pub output: Option<PathBuf>,
+    /// Make the last K agents hostile (K < clients); they train honestly, then send what
+    /// --attack says. `min_clients` becomes clients − K unless the config sets it.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub byzantine: usize,
+    /// What the hostile agents do: scale (×1000), sign-flip (×−10), nan, sample-inflation
+    /// (claim 10,000,000 samples, send ×−10), noise (100× the norm), stall (send the header,
+    /// then nothing). Required with --byzantine.
+    #[arg(long, value_name = "NAME", value_parser = |s: &str| s.parse::<Attack>())]
+    pub attack: Option<Attack>,
+    /// The coordinator's bounds on updates: default (the config's `[updates]`) or none
+    /// (plain FedAvg of every well-formed update: the baseline of an attack).
+    #[arg(long, value_enum, default_value = "default")]
+    pub defences: Defences,
+    /// fedavg, median or trimmed_mean [overrides `[aggregation].strategy`].
+    #[arg(long, value_name = "STRATEGY", value_parser = parse_strategy)]
+    pub aggregation: Option<Strategy>,
+}
+
+/// `--defences`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Defences {
+    /// The `[updates]` bounds of the configuration (their defaults when absent).
+    Default,
+    /// `UpdateRules::none()`: no bound on any agent's influence.
+    None,
+}
+
+impl std::fmt::Display for Defences {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Defences::Default => "default",
+            Defences::None => "none",
+        })
+    }
+}
+
+pub fn parse_strategy(s: &str) -> Result<Strategy, String> {
+    match s {
+        "fedavg" => Ok(Strategy::Fedavg),
+        "median" => Ok(Strategy::Median),
+        "trimmed_mean" | "trimmed-mean" => Ok(Strategy::TrimmedMean),
+        _ => Err(format!(
+            "unknown aggregation {s:?}: fedavg, median or trimmed_mean"
+        )),
+    }
+}
+
+fn strategy_name(s: Strategy) -> &'static str {
+    match s {
+        Strategy::Fedavg => "fedavg",
+        Strategy::Median => "median",
+        Strategy::TrimmedMean => "trimmed_mean",
+    }
+}
+
+/// What `rounds.json` holds: the setting of the run and one record per committed round.
+#[derive(Debug, Serialize)]
+pub struct RunLog<'a> {
+    pub clients: usize,
+    /// Ids of the hostile agents (empty without --byzantine).
+    pub byzantine: Vec<String>,
+    pub attack: Option<Attack>,
+    pub defences: Defences,
+    pub aggregation: &'static str,
+    pub updates: &'a UpdateRules,
+    pub rounds: &'a [RoundRecord],
+}
+
+/// Reads a `rounds.json` written by `simulate` (an object with `rounds`, or the bare array
+/// of older versions) or a coordinator's `rounds.jsonl`.
+pub fn read_rounds(path: &Path) -> Result<Vec<RoundRecord>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let whole: Option<serde_json::Value> = serde_json::from_str(&text).ok();
+    let records: Vec<RoundRecord> = match whole {
+        Some(v @ serde_json::Value::Array(_)) => {
+            serde_json::from_value(v).with_context(|| format!("{}", path.display()))?
+        }
+        Some(serde_json::Value::Object(mut o)) if o.get("rounds").is_some_and(|r| r.is_array()) => {
+            serde_json::from_value(o.remove("rounds").expect("rounds"))
+                .with_context(|| format!("{}", path.display()))?
+        }
+        _ => text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .enumerate()
+            .map(|(i, l)| {
+                serde_json::from_str(l).with_context(|| format!("{}:{}", path.display(), i + 1))
+            })
+            .collect::<Result<_>>()?,
+    };
+    if records.is_empty() {
+        bail!("{}: no rounds", path.display());
+    }
+    Ok(records)
 }
 
 impl SimulateConfig {
@@ -231,6 +332,28 @@ fn make_shards(
         .collect())
 }
 
+/// Checks `--byzantine K` against the number of clients and `--attack`; returns the attack
+/// the hostile agents run (`None` without hostile agents).
+pub fn check_byzantine(k: usize, attack: Option<Attack>, clients: usize) -> Result<Option<Attack>> {
+    if k == 0 {
+        if let Some(a) = attack {
+            bail!("--attack {a} needs --byzantine K (how many agents are hostile)");
+        }
+        return Ok(None);
+    }
+    if k >= clients {
+        bail!(
+            "--byzantine {k} must be less than the number of clients ({clients}): at least one agent must be honest"
+        );
+    }
+    match attack {
+        Some(a) => Ok(Some(a)),
+        None => bail!(
+            "--byzantine {k} needs --attack: scale, sign-flip, nan, sample-inflation, noise or stall"
+        ),
+    }
+}
+
 pub fn run_simulate(cmd: SimulateCmd) -> Result<()> {
     let mut c = SimulateConfig::from_file(&cmd.config)?;
     if let Some(m) = cmd.model {
@@ -259,6 +382,13 @@ pub fn run_simulate(cmd: SimulateCmd) -> Result<()> {
     }
     if c.max_concurrent_training == 0 {
         bail!("max_concurrent_training must be at least 1");
+    }
+    let hostile = check_byzantine(cmd.byzantine, cmd.attack, c.clients)?;
+    if cmd.defences == Defences::None {
+        c.updates = UpdateRules::none();
+    }
+    if let Some(s) = cmd.aggregation {
+        c.aggregation.strategy = s;
     }
     let how: Partition = c.partition.parse().map_err(anyhow::Error::msg)?;
     fedmicse_encoder::encoder::model_dir(&c.model)?;
@@ -298,6 +428,21 @@ pub fn run_simulate(cmd: SimulateCmd) -> Result<()> {
     }
     certs::init(&certs_dir, &[], 7)?;
     let ids: Vec<String> = (1..=c.clients).map(|i| format!("agent-{i}")).collect();
+    // The last K agents are the hostile ones.
+    let byzantine: Vec<String> = ids[c.clients - cmd.byzantine..].to_vec();
+    if let Some(attack) = hostile {
+        eprintln!(
+            "hostile agents {byzantine:?} (attack {attack}); defences {}, aggregation {}",
+            cmd.defences,
+            strategy_name(c.aggregation.strategy)
+        );
+    } else {
+        eprintln!(
+            "no hostile agents; defences {}, aggregation {}",
+            cmd.defences,
+            strategy_name(c.aggregation.strategy)
+        );
+    }
     for id in &ids {
         certs::issue(&certs_dir, id, &certs_dir, 7)?;
     }
@@ -306,6 +451,7 @@ pub fn run_simulate(cmd: SimulateCmd) -> Result<()> {
         server: ServerConfig {
             listen: "127.0.0.1:0".parse().expect("address"),
             allow_plaintext: false,
+            ..Default::default()
         },
         tls: Some(TlsConfig {
             ca: certs_dir.join("ca.pem"),
@@ -319,7 +465,12 @@ pub fn run_simulate(cmd: SimulateCmd) -> Result<()> {
             allowlist: ids.clone(),
             operators: Vec::new(),
             rounds: c.rounds,
-            min_clients: c.federation.min_clients.unwrap_or(c.clients).min(c.clients),
+            // Honest agents alone can commit a round.
+            min_clients: c
+                .federation
+                .min_clients
+                .unwrap_or(c.clients - cmd.byzantine)
+                .min(c.clients),
             fraction: c.federation.fraction,
             round_deadline_secs: c.federation.round_deadline_secs,
             server_lr: c.federation.server_lr,
@@ -335,7 +486,7 @@ pub fn run_simulate(cmd: SimulateCmd) -> Result<()> {
         task: c.task.clone(),
         eval: c.eval.clone(),
         inference: InferenceConfig::default(),
-        aggregation: Default::default(),
+        aggregation: c.aggregation.clone(),
         http: Default::default(),
     };
     coordinator_config.validate().map_err(anyhow::Error::msg)?;
@@ -369,8 +520,16 @@ pub fn run_simulate(cmd: SimulateCmd) -> Result<()> {
                 device: c.device.clone(),
                 retry: Default::default(),
                 http: Default::default(),
+                limits: Default::default(),
             };
-            let agent = Agent::new(&cfg, shard).map_err(anyhow::Error::msg)?.with_train_gate(gate.clone());
+            let mut agent = Agent::new(&cfg, shard)
+                .map_err(anyhow::Error::msg)?
+                .with_train_gate(gate.clone());
+            if let Some(a) = hostile
+                && byzantine.contains(id)
+            {
+                agent = agent.with_attack(a);
+            }
             agents.push(tokio::spawn(agent.run(stop_rx.clone())));
         }
 
@@ -409,18 +568,15 @@ pub fn run_simulate(cmd: SimulateCmd) -> Result<()> {
     })?;
     let (history, last_dir) = history;
 
-    let json = serde_json::to_string_pretty(
-        &history
-            .iter()
-            .map(|r| {
-                serde_json::json!({
-                    "round": r.round, "clients": r.clients, "mean_loss": r.mean_loss,
-                    "stsb_dev": r.stsb_dev, "bytes_up": r.bytes_up, "bytes_down": r.bytes_down,
-                    "seconds": r.seconds,
-                })
-            })
-            .collect::<Vec<_>>(),
-    )?;
+    let json = serde_json::to_string_pretty(&RunLog {
+        clients: c.clients,
+        byzantine: byzantine.clone(),
+        attack: hostile,
+        defences: cmd.defences,
+        aggregation: strategy_name(c.aggregation.strategy),
+        updates: &c.updates,
+        rounds: &history,
+    })?;
     std::fs::write(out.join("rounds.json"), json)?;
     plot_rounds(&out.join("rounds.png"), &history)?;
     let global = out.join("global");
@@ -501,4 +657,107 @@ pub fn plot_rounds(path: &Path, history: &[RoundRecord]) -> Result<()> {
         },
     ];
     line_panels(path, "fedmicse federation", &panels, 900).map_err(anyhow::Error::msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        cmd: SimulateCmd,
+    }
+
+    fn parse(args: &[&str]) -> Result<SimulateCmd, clap::Error> {
+        let mut all = vec!["simulate", "--config", "sim.toml"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).map(|c| c.cmd)
+    }
+
+    #[test]
+    fn attack_flags_parse_and_are_checked() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(
+            (c.byzantine, c.attack, c.defences, c.aggregation),
+            (0, None, Defences::Default, None)
+        );
+        assert_eq!(check_byzantine(c.byzantine, c.attack, 3).unwrap(), None);
+
+        let c = parse(&[
+            "--byzantine",
+            "1",
+            "--attack",
+            "sample-inflation",
+            "--defences",
+            "none",
+            "--aggregation",
+            "trimmed_mean",
+        ])
+        .unwrap();
+        assert_eq!(c.attack, Some(Attack::SampleInflation));
+        assert_eq!(c.defences, Defences::None);
+        assert_eq!(c.aggregation, Some(Strategy::TrimmedMean));
+        assert_eq!(
+            check_byzantine(1, c.attack, 5).unwrap(),
+            Some(Attack::SampleInflation)
+        );
+
+        assert!(parse(&["--attack", "flood"]).is_err());
+        assert!(parse(&["--defences", "some"]).is_err());
+        assert!(parse(&["--aggregation", "mean"]).is_err());
+        assert!(parse(&["--byzantine", "-1"]).is_err());
+
+        let e = check_byzantine(3, Some(Attack::Nan), 3)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("less than the number of clients (3)"), "{e}");
+        let e = check_byzantine(1, None, 3).unwrap_err().to_string();
+        assert!(e.contains("needs --attack"), "{e}");
+        let e = check_byzantine(0, Some(Attack::Nan), 3)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs --byzantine"), "{e}");
+    }
+
+    #[test]
+    fn rounds_json_names_the_setting_and_reads_back() {
+        let rounds = vec![RoundRecord {
+            round: 0,
+            clients: 0,
+            mean_loss: None,
+            stsb_dev: Some(82.0),
+            bytes_up: 0,
+            bytes_down: 0,
+            seconds: 0.0,
+            refused: Default::default(),
+            bounded: 0,
+            step_ratio: None,
+        }];
+        let rules = UpdateRules::none();
+        let log = RunLog {
+            clients: 5,
+            byzantine: vec!["agent-5".into()],
+            attack: Some(Attack::SignFlip),
+            defences: Defences::None,
+            aggregation: strategy_name(Strategy::Median),
+            updates: &rules,
+            rounds: &rounds,
+        };
+        let v = serde_json::to_value(&log).unwrap();
+        assert_eq!(v["byzantine"][0], "agent-5");
+        assert_eq!(v["attack"], "sign-flip");
+        assert_eq!(v["defences"], "none");
+        assert_eq!(v["aggregation"], "median");
+        assert_eq!(v["rounds"][0]["stsb_dev"], 82.0);
+        let dir = std::env::temp_dir().join(format!("fedmicse-runlog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("rounds.json");
+        std::fs::write(&p, serde_json::to_string_pretty(&log).unwrap()).unwrap();
+        assert_eq!(read_rounds(&p).unwrap(), rounds);
+        std::fs::write(&p, serde_json::to_string(&rounds[0]).unwrap() + "\n").unwrap();
+        assert_eq!(read_rounds(&p).unwrap(), rounds);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -40,6 +40,12 @@ pub struct HttpConfig {
     pub embeddings_api: bool,
     /// Largest request body (bytes).
     pub max_body_bytes: usize,
+    /// Connections open at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers.
+    pub header_timeout_secs: u64,
+    /// A connection from which nothing was read for this long is closed.
+    pub idle_secs: u64,
 }
 
 impl Default for HttpConfig {
@@ -48,6 +54,9 @@ impl Default for HttpConfig {
             listen: None,
             embeddings_api: false,
             max_body_bytes: 2 << 20,
+            max_connections: 256,
+            header_timeout_secs: 10,
+            idle_secs: 60,
         }
     }
 }
@@ -60,6 +69,18 @@ pub struct ServerConfig {
     /// Accept plaintext connections without client certificates. Local experiments only:
     /// anyone who can reach the port can then join as any client id.
     pub allow_plaintext: bool,
+    /// Connections open at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Seconds a connection has to complete the TLS handshake.
+    pub tls_handshake_timeout_secs: u64,
+    /// A connection from which nothing was read for this long is closed (agents' keepalive
+    /// pings every 30 s keep honest idle connections alive).
+    pub connection_idle_secs: u64,
+    /// Seconds a unary call (Join, Status, Embed, Similarity) may take, its request included.
+    pub call_timeout_secs: u64,
+    /// Seconds an update upload or a model download may go without a chunk; the stream is
+    /// then closed and its slot freed.
+    pub stream_idle_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +88,11 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: "0.0.0.0:7443".parse().expect("address"),
             allow_plaintext: false,
+            max_connections: 1024,
+            tls_handshake_timeout_secs: 10,
+            connection_idle_secs: 120,
+            call_timeout_secs: 60,
+            stream_idle_secs: 30,
         }
     }
 }
@@ -103,11 +129,18 @@ pub struct AggregationConfig {
     pub tau: f64,
 }
 
+impl AggregationConfig {
+    /// Updates trimmed at each end by trimmed_mean when `n` updates arrive.
+    pub fn trim_count(&self, n: usize) -> usize {
+        fedmicse_federation::robust::trim_count(self.trim_fraction, n)
+    }
+}
+
 impl Default for AggregationConfig {
     fn default() -> Self {
         AggregationConfig {
             strategy: Strategy::Fedavg,
-            trim_fraction: 0.1,
+            trim_fraction: 0.2,
             server_optimizer: ServerOptimizer::Sgd,
             momentum: 0.9,
             beta1: 0.9,
@@ -311,10 +344,27 @@ impl CoordinatorConfig {
                     .into(),
             );
         }
-        if let Some(m) = self.updates.max_norm
-            && !(m > 0.0)
-        {
-            return Err(format!("updates.max_norm {m} must be positive"));
+        self.updates.validate()?;
+        let srv = &self.server;
+        if srv.max_connections == 0 || self.http.max_connections == 0 {
+            return Err(
+                "server.max_connections and http.max_connections must be at least 1".into(),
+            );
+        }
+        for (name, v) in [
+            (
+                "server.tls_handshake_timeout_secs",
+                srv.tls_handshake_timeout_secs,
+            ),
+            ("server.connection_idle_secs", srv.connection_idle_secs),
+            ("server.call_timeout_secs", srv.call_timeout_secs),
+            ("server.stream_idle_secs", srv.stream_idle_secs),
+            ("http.header_timeout_secs", self.http.header_timeout_secs),
+            ("http.idle_secs", self.http.idle_secs),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
         }
         let a = &self.aggregation;
         if !(0.0..0.5).contains(&a.trim_fraction) {
@@ -331,6 +381,24 @@ impl CoordinatorConfig {
         }
         if !(a.tau > 0.0) {
             return Err("aggregation.tau must be positive".into());
+        }
+        // A robust rule needs enough updates to outvote a hostile one; refuse settings in
+        // which it would quietly be a plain mean.
+        match a.strategy {
+            Strategy::Median if f.min_clients < 3 => {
+                return Err(format!(
+                    "aggregation.strategy = \"median\" needs federation.min_clients of at least 3 (it is {}): the median of two updates is their mean",
+                    f.min_clients
+                ));
+            }
+            Strategy::TrimmedMean if a.trim_count(f.min_clients) == 0 => {
+                let need = (1.0 / a.trim_fraction).ceil().max(3.0);
+                return Err(format!(
+                    "aggregation.strategy = \"trimmed_mean\" with trim_fraction {} trims nothing with {} updates: raise trim_fraction or federation.min_clients to at least {need}",
+                    a.trim_fraction, f.min_clients
+                ));
+            }
+            _ => {}
         }
         if self.inference.max_sentences == 0 || self.inference.max_len < 3 {
             return Err("inference.max_sentences must be ≥ 1 and inference.max_len ≥ 3".into());

@@ -5,6 +5,7 @@
 pub mod config;
 mod http;
 mod inference;
+mod limits;
 mod metrics;
 pub mod pending;
 mod revoke;
@@ -19,7 +20,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use fedmicse_encoder::{Encoder, parse_device};
-use fedmicse_federation::{ServerHyper, ServerState, server_step, trainable_names};
+use fedmicse_federation::{
+    ServerHyper, ServerState, StepRefusal, bound_influence, check_step, server_step,
+    trainable_names,
+};
 use fedmicse_training::run::DevSet;
 use fedmicse_wire::pb::federation_server::FederationServer;
 use fedmicse_wire::pb::inference_server::InferenceServer;
@@ -48,6 +52,12 @@ pub(crate) struct Shared {
     wake: Notify,
     uploads: Semaphore,
     downloads: Arc<Semaphore>,
+    /// Agents with an upload / a download in flight (one each at most).
+    uploads_in_flight: limits::InFlight,
+    downloads_in_flight: limits::InFlight,
+    /// What the gRPC and HTTP listeners closed (over the cap, idle).
+    grpc_conns: Arc<fedmicse_wire::listen::ConnCounters>,
+    http_conns: Arc<fedmicse_wire::listen::ConnCounters>,
     inference_permits: Semaphore,
     metrics: metrics::Metrics,
     done_tx: watch::Sender<bool>,
@@ -164,6 +174,10 @@ impl Coordinator {
         let shared = Arc::new(Shared {
             uploads: Semaphore::new(config.federation.max_concurrent_uploads),
             downloads: Arc::new(Semaphore::new(config.federation.max_concurrent_downloads)),
+            uploads_in_flight: Default::default(),
+            downloads_in_flight: Default::default(),
+            grpc_conns: Default::default(),
+            http_conns: Default::default(),
             inference_permits: Semaphore::new(config.inference.max_concurrent.max(1)),
             state: std::sync::Mutex::new(State {
                 phase,
@@ -209,6 +223,8 @@ impl Coordinator {
                 bytes_down: 0,
                 seconds: 0.0,
                 refused: BTreeMap::new(),
+                bounded: 0,
+                step_ratio: None,
             };
             shared
                 .store
@@ -225,19 +241,28 @@ impl Coordinator {
     pub async fn serve(self, listener: TcpListener) -> Result<Running, String> {
         let shared = self.shared;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let srv = &shared.config.server;
         let mut builder = tonic::transport::Server::builder()
-            // Long local training leaves connections idle: keep them alive.
+            // Long local training leaves connections idle: keep them alive (the pings also
+            // keep honest connections clear of the idle timeout).
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            .tcp_keepalive(Some(Duration::from_secs(60)));
+            .tcp_keepalive(Some(Duration::from_secs(60)))
+            .max_concurrent_streams(Some(64));
         if let Some(tls) = &shared.config.tls {
             let files = fedmicse_wire::TlsFiles {
                 ca: tls.ca.clone(),
                 cert: tls.cert.clone(),
                 key: tls.key.clone(),
             };
+            let handshake = Duration::from_secs(srv.tls_handshake_timeout_secs);
             builder = builder
-                .tls_config(files.server_config().map_err(|e| e.to_string())?)
+                .tls_config(
+                    files
+                        .server_config()
+                        .map_err(|e| e.to_string())?
+                        .timeout(handshake),
+                )
                 .map_err(|e| format!("TLS: {e}"))?;
         } else {
             tracing::warn!(
@@ -252,8 +277,18 @@ impl Coordinator {
             .max_encoding_message_size(64 << 20);
         let (stop, mut stop_rx) = watch::channel(false);
         let mut stop_rx2 = stop.subscribe();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        let router = builder.add_service(federation).add_service(inference);
+        let limits = fedmicse_wire::listen::ConnLimits {
+            max_connections: srv.max_connections,
+            idle: Duration::from_secs(srv.connection_idle_secs),
+        };
+        let incoming =
+            fedmicse_wire::listen::limited_incoming(listener, limits, shared.grpc_conns.clone());
+        let router = builder
+            .layer(limits::CallTimeoutLayer {
+                unary: Duration::from_secs(srv.call_timeout_secs),
+            })
+            .add_service(federation)
+            .add_service(inference);
         let server = tokio::spawn(async move {
             router
                 .serve_with_incoming_shutdown(incoming, async move {
@@ -269,16 +304,21 @@ impl Coordinator {
                 let a = l.local_addr().map_err(|e| e.to_string())?;
                 let app = http::router(shared.clone());
                 let mut stop_http = stop.subscribe();
-                tokio::spawn(async move {
-                    let r = axum::serve(l, app)
-                        .with_graceful_shutdown(async move {
-                            let _ = stop_http.wait_for(|s| *s).await;
-                        })
-                        .await;
-                    if let Err(e) = r {
-                        tracing::error!(error = %e, "HTTP server failed");
-                    }
-                });
+                let h = &shared.config.http;
+                let limits = fedmicse_wire::listen::ConnLimits {
+                    max_connections: h.max_connections,
+                    idle: Duration::from_secs(h.idle_secs),
+                };
+                tokio::spawn(fedmicse_wire::listen::serve_http(
+                    l,
+                    app,
+                    limits,
+                    Duration::from_secs(h.header_timeout_secs),
+                    shared.http_conns.clone(),
+                    async move {
+                        let _ = stop_http.wait_for(|s| *s).await;
+                    },
+                ));
                 tracing::info!(addr = %a, embeddings_api = shared.config.http.embeddings_api, "HTTP listening (/health, /ready, /metrics)");
                 Some(a)
             }
@@ -358,16 +398,24 @@ enum Action {
     Close(Box<OpenRound>),
 }
 
+/// What became of a closed round.
+enum Commit {
+    Committed,
+    /// The aggregate failed its checks: nothing was committed.
+    Refused(StepRefusal),
+}
+
 /// The round driver: opens rounds when enough agents are connected, closes them when all
 /// selected agents answered or the deadline passed, and commits.
 async fn drive(shared: Arc<Shared>) {
     let f = shared.config.federation.clone();
     let timeout = Duration::from_secs(f.agent_timeout_secs);
+    let revoked = |id: &str, serial: &str| shared.revocations.is_revoked(id, serial);
     loop {
         let action = {
             let mut guard = shared.lock();
             let st: &mut State = &mut guard;
-            let connected = st.connected(timeout);
+            let connected = st.connected(timeout, revoked);
             match &mut st.phase {
                 Phase::Done => return,
                 Phase::Waiting { next } if connected.len() >= f.min_clients => {
@@ -375,10 +423,18 @@ async fn drive(shared: Arc<Shared>) {
                     let mut selected =
                         rounds::select(&connected, f.fraction, f.min_clients, f.seed, round);
                     // Updates accepted before a restart (or an abandoned attempt) count;
-                    // their senders are selected.
+                    // their senders are selected — unless no longer allowed or revoked.
                     let recovered: Vec<pending::Stored> = std::mem::take(&mut st.recovered)
                         .into_iter()
-                        .filter(|r| f.allowlist.is_empty() || f.allowlist.contains(&r.client))
+                        .filter(|r| {
+                            let ok = (f.allowlist.is_empty() || f.allowlist.contains(&r.client))
+                                && !revoked(&r.client, &r.serial);
+                            if !ok {
+                                tracing::warn!(client = %r.client, "recovered update dropped: the agent is no longer allowed");
+                                shared.pending.discard(&r.path);
+                            }
+                            ok
+                        })
                         .collect();
                     selected.extend(recovered.iter().map(|r| r.client.clone()));
                     let global = shared.global.load();
@@ -410,9 +466,31 @@ async fn drive(shared: Arc<Shared>) {
                     Action::Nothing
                 }
                 Phase::Training(open) => {
-                    let complete = open.is_complete();
+                    // Revocation takes effect in the open round too: a revoked agent is no
+                    // longer waited for, and an update it sent before does not count.
+                    let gone: Vec<String> = open
+                        .selected
+                        .iter()
+                        .filter(|id| {
+                            let serial = st.agents.get(*id).map_or("", |a| a.serial.as_str());
+                            let serial = open
+                                .submitted
+                                .get(*id)
+                                .map_or(serial, |u| u.serial.as_str());
+                            revoked(id, serial)
+                        })
+                        .cloned()
+                        .collect();
+                    for id in gone {
+                        if let Some(u) = open.drop_agent(&id) {
+                            shared.pending.discard(&u.path);
+                        }
+                        tracing::warn!(client = %id, round = open.round, "revoked agent dropped from the round");
+                    }
+                    let answered = open.submitted.len();
+                    let complete = open.is_complete() && answered >= f.min_clients;
                     let late = Instant::now() >= open.deadline;
-                    if complete || (late && open.submitted.len() >= f.min_clients) {
+                    if complete || (late && answered >= f.min_clients) {
                         let round = open.round;
                         let Phase::Training(open) =
                             std::mem::replace(&mut st.phase, Phase::Aggregating { round })
@@ -430,7 +508,7 @@ async fn drive(shared: Arc<Shared>) {
                     } else if late {
                         tracing::warn!(
                             round = open.round,
-                            answered = open.submitted.len(),
+                            answered,
                             min_clients = f.min_clients,
                             "deadline passed without enough updates: round abandoned, global model unchanged; retrying"
                         );
@@ -459,23 +537,28 @@ async fn drive(shared: Arc<Shared>) {
                 (r, open)
             })
             .await;
-            let failed = match result {
-                Ok((Ok(()), _)) => None,
-                Ok((Err(e), open)) => Some((e, Some(open))),
-                Err(e) => Some((e.to_string(), None)),
-            };
-            if let Some((e, open)) = failed {
-                // Nothing was committed: the previous global model stands. The stored
-                // updates stay on disk and count again when the round reopens.
-                tracing::error!(error = %e, "commit failed; the round will be retried");
-                let mut st = shared.lock();
-                if let Phase::Aggregating { round } = st.phase {
-                    st.phase = Phase::Waiting { next: round };
-                    st.recovered = match open {
-                        Some(o) => o.submitted.into_values().collect(),
-                        None => shared.pending.list(round),
-                    };
+            match result {
+                Ok((Ok(Commit::Committed), _)) => {}
+                Ok((Ok(Commit::Refused(why)), open)) => {
+                    // The aggregate would have broken the model: it is not committed, the
+                    // previous model stays served, and the round is retried with fresh
+                    // updates (these ones produced the refused step).
+                    tracing::error!(round = open.round, check = why.kind(), reason = %why, "aggregate refused; the round will be retried with new updates");
+                    shared.metrics.rounds_refused.inc();
+                    for u in open.submitted.values() {
+                        shared.pending.discard(&u.path);
+                    }
+                    let mut st = shared.lock();
+                    *st.refused_total
+                        .entry(format!("aggregate_{}", why.kind()))
+                        .or_default() += 1;
+                    st.closed = None;
+                    if let Phase::Aggregating { round } = st.phase {
+                        st.phase = Phase::Waiting { next: round };
+                    }
                 }
+                Ok((Err(e), open)) => commit_failed(&shared, e, Some(open)),
+                Err(e) => commit_failed(&shared, e.to_string(), None),
             }
             continue;
         }
@@ -486,8 +569,23 @@ async fn drive(shared: Arc<Shared>) {
     }
 }
 
-/// Aggregates a closed round, evaluates, commits and starts serving the new model.
-fn commit_round(shared: &Shared, open: &OpenRound) -> Result<(), String> {
+/// Nothing was committed: the previous global model stands. The stored updates stay on
+/// disk and count again when the round reopens.
+fn commit_failed(shared: &Shared, e: String, open: Option<Box<OpenRound>>) {
+    tracing::error!(error = %e, "commit failed; the round will be retried");
+    let mut st = shared.lock();
+    if let Phase::Aggregating { round } = st.phase {
+        st.phase = Phase::Waiting { next: round };
+        st.recovered = match open {
+            Some(o) => o.submitted.into_values().collect(),
+            None => shared.pending.list(round),
+        };
+    }
+}
+
+/// Aggregates a closed round with every update's influence bounded, checks the new model,
+/// evaluates, commits and starts serving it.
+fn commit_round(shared: &Shared, open: &OpenRound) -> Result<Commit, String> {
     let started = Instant::now();
     tracing::info!(
         round = open.round,
@@ -502,8 +600,31 @@ fn commit_round(shared: &Shared, open: &OpenRound) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(ms));
     }
     let a = &shared.config.aggregation;
+    let rules = &shared.config.updates;
     let stored: Vec<pending::Stored> = open.submitted.values().cloned().collect();
-    let step = pending::aggregate(&stored, &open.expected, a.strategy, a.trim_fraction)?;
+    let stats: Vec<_> = stored.iter().map(pending::Stored::stats).collect();
+    let influence = bound_influence(&stats, rules);
+    let mut bounded = 0u32;
+    for ((s, st), inf) in stored.iter().zip(&stats).zip(&influence) {
+        if inf.bounded(st) {
+            bounded += 1;
+            tracing::warn!(
+                client = %s.client,
+                samples = s.num_samples,
+                weight = inf.weight,
+                norm = s.norm,
+                scale = inf.scale,
+                "update's influence bounded"
+            );
+        }
+    }
+    let step = pending::aggregate(
+        &stored,
+        &influence,
+        &open.expected,
+        a.strategy,
+        a.trim_fraction,
+    )?;
     let global = shared.global.load_full();
     let mut tensors = global.tensors.clone();
     let mut server_state = shared
@@ -525,6 +646,11 @@ fn commit_round(shared: &Shared, open: &OpenRound) -> Result<(), String> {
         &mut tensors,
         &step,
     );
+    let names: Vec<String> = open.expected.keys().cloned().collect();
+    let norms = match check_step(&global.tensors, &tensors, &names, rules) {
+        Ok(n) => n,
+        Err(why) => return Ok(Commit::Refused(why)),
+    };
     let model = GlobalModel::new(open.round, tensors, global.files.clone());
     shared.metrics.bytes_in.inc_by(open.bytes_up);
     shared.metrics.bytes_out.inc_by(open.bytes_down);
@@ -535,7 +661,9 @@ fn commit_round(shared: &Shared, open: &OpenRound) -> Result<(), String> {
             .map_err(|e| e.to_string())?,
     );
     let stsb_dev = evaluate(shared, &encoder);
-    let record = open.record(stsb_dev);
+    let mut record = open.record(stsb_dev);
+    record.bounded = bounded;
+    record.step_ratio = Some(norms.ratio());
     let history = shared.lock().history.clone();
     shared
         .store
@@ -548,8 +676,10 @@ fn commit_round(shared: &Shared, open: &OpenRound) -> Result<(), String> {
     tracing::info!(
         round = record.round,
         clients = record.clients,
+        bounded,
         mean_loss = ?record.mean_loss,
         stsb_dev = ?record.stsb_dev,
+        step_ratio = format!("{:.4}", norms.ratio()),
         bytes_up = record.bytes_up,
         bytes_down = record.bytes_down,
         seconds = format!("{:.1}", record.seconds),
@@ -572,5 +702,5 @@ fn commit_round(shared: &Shared, open: &OpenRound) -> Result<(), String> {
     } else {
         st.phase = Phase::Waiting { next: round + 1 };
     }
-    Ok(())
+    Ok(Commit::Committed)
 }

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub aggregation_seconds: Histogram,
     dev_spearman: Gauge<f64, AtomicU64>,
     abandoned: Gauge,
+    pub rounds_refused: Counter,
+    connections_refused: Family<ReasonLabel, Gauge>,
     pub requests: Family<RequestLabel, Counter>,
     pub latency: Histogram,
 }
@@ -62,6 +64,8 @@ impl Metrics {
             aggregation_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 14)),
             dev_spearman: Gauge::default(),
             abandoned: Gauge::default(),
+            rounds_refused: Counter::default(),
+            connections_refused: Family::default(),
             requests: Family::default(),
             latency: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             registry: Registry::default(),
@@ -123,6 +127,16 @@ impl Metrics {
             m.abandoned.clone(),
         );
         registry.register(
+            "rounds_refused",
+            "Aggregates not committed because the new model failed its checks",
+            m.rounds_refused.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Connections closed by a limit, by listener and reason",
+            m.connections_refused.clone(),
+        );
+        registry.register(
             "inference_requests",
             "Inference requests by endpoint and status",
             m.requests.clone(),
@@ -142,9 +156,31 @@ impl Metrics {
             let f = &shared.config.federation;
             self.rounds_total.set(f.rounds as i64);
             self.connected.set(
-                st.connected(std::time::Duration::from_secs(f.agent_timeout_secs))
-                    .len() as i64,
+                st.connected(
+                    std::time::Duration::from_secs(f.agent_timeout_secs),
+                    |id, serial| shared.revocations.is_revoked(id, serial),
+                )
+                .len() as i64,
             );
+            use std::sync::atomic::Ordering::Relaxed;
+            for (reason, n) in [
+                (
+                    "grpc_over_limit",
+                    shared.grpc_conns.over_limit.load(Relaxed),
+                ),
+                ("grpc_idle", shared.grpc_conns.idle_closed.load(Relaxed)),
+                (
+                    "http_over_limit",
+                    shared.http_conns.over_limit.load(Relaxed),
+                ),
+                ("http_idle", shared.http_conns.idle_closed.load(Relaxed)),
+            ] {
+                self.connections_refused
+                    .get_or_create(&ReasonLabel {
+                        reason: reason.into(),
+                    })
+                    .set(n as i64);
+            }
             let (name, round, selected, answered) = match &st.phase {
                 Phase::Waiting { next } => ("waiting", next.saturating_sub(1), 0, 0),
                 Phase::Training(o) => ("training", o.round, o.selected.len(), o.submitted.len()),

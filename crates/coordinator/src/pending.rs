@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use fedmicse_encoder::TensorMap;
 use fedmicse_encoder::weights::write_atomic;
-use fedmicse_federation::{Strategy, combine};
+use fedmicse_federation::{Influence, Strategy, UpdateStats, combine};
 use safetensors::Dtype;
 
 /// One stored update.
@@ -20,7 +20,27 @@ pub struct Stored {
     pub mean_loss: Option<f64>,
     pub digest: Vec<u8>,
     pub path: PathBuf,
+    /// L2 norm of the delta as received (before any clipping).
+    pub norm: f64,
+    /// Shard size the agent declared at Join (0 = unknown).
+    pub declared: u64,
+    /// Serial of the certificate it arrived with (empty over plaintext).
+    pub serial: String,
 }
+
+impl Stored {
+    pub fn stats(&self) -> UpdateStats {
+        UpdateStats {
+            num_samples: self.num_samples,
+            declared: self.declared,
+            norm: self.norm,
+            scale: self.scale,
+        }
+    }
+}
+
+/// Suffix of an update being written, before it is accepted.
+const PARTIAL: &str = "partial";
 
 pub struct Pending {
     dir: PathBuf,
@@ -34,6 +54,20 @@ impl Pending {
     pub fn open(state_dir: &Path) -> Result<Self, String> {
         let dir = state_dir.join("pending");
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        // Spool files never accepted (the coordinator stopped while one was being checked).
+        for round in std::fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
+            for f in std::fs::read_dir(round.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let p = f.path();
+                let partial = p.extension().is_some_and(|x| x == PARTIAL || x == "tmp");
+                if partial {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+        }
         Ok(Pending { dir })
     }
 
@@ -41,8 +75,9 @@ impl Pending {
         self.dir.join(format!("round-{round:06}"))
     }
 
-    /// Writes an accepted update durably (temporary file, fsync, rename).
-    pub fn save(&self, round: u64, s: &Stored, tensors: &TensorMap) -> Result<PathBuf, String> {
+    /// Writes a checked update durably under a temporary name of its own; it counts only
+    /// once [`Pending::accept`] gives it its final name. Nothing is left behind on failure.
+    pub fn spool(&self, round: u64, s: &Stored, tensors: &TensorMap) -> Result<PathBuf, String> {
         let dir = self.round_dir(round);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
@@ -66,11 +101,37 @@ impl Pending {
                 s.mean_loss.map_or(String::new(), |l| l.to_string()),
             ),
             ("digest".to_string(), hex::encode(&s.digest)),
+            ("norm".to_string(), s.norm.to_string()),
+            ("declared".to_string(), s.declared.to_string()),
+            ("serial".to_string(), s.serial.clone()),
         ]);
         let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| e.to_string())?;
-        let path = dir.join(format!("{}.safetensors", s.client));
-        write_atomic(&path, &bytes).map_err(|e| e.to_string())?;
+        // The client id was checked against the certificate-name rule, so it is a plain
+        // file name; the nonce keeps two writers apart whatever happens.
+        let nonce: u64 = rand::random();
+        let path = dir.join(format!("{}.{nonce:016x}.{PARTIAL}", s.client));
+        if let Err(e) = write_atomic(&path, &bytes) {
+            let _ = std::fs::remove_file(&path);
+            return Err(e.to_string());
+        }
         Ok(path)
+    }
+
+    /// Gives a spooled update its final name (`CLIENT.safetensors`): from now on it counts,
+    /// also after a crash. Call with the round state locked.
+    pub fn accept(&self, partial: &Path, client: &str) -> Result<PathBuf, String> {
+        let dir = partial.parent().ok_or("spool file has no folder")?;
+        let path = dir.join(format!("{client}.safetensors"));
+        std::fs::rename(partial, &path).map_err(io(&path))?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(path)
+    }
+
+    /// Removes a spooled or accepted update file.
+    pub fn discard(&self, path: &Path) {
+        let _ = std::fs::remove_file(path);
     }
 
     /// The complete stored updates of `round`.
@@ -170,8 +231,16 @@ fn read_meta(path: &Path) -> Result<Stored, String> {
             .cloned()
             .ok_or_else(|| format!("metadata lacks {k}"))
     };
+    let client = get("client")?;
+    fedmicse_wire::certs::check_agent_id(&client).map_err(|e| e.to_string())?;
+    if path.file_stem().and_then(|s| s.to_str()) != Some(client.as_str()) {
+        return Err(format!("names client {client:?} but is not its file"));
+    }
     Ok(Stored {
-        client: get("client")?,
+        norm: m.get("norm").and_then(|v| v.parse().ok()).unwrap_or(0.0),
+        declared: m.get("declared").and_then(|v| v.parse().ok()).unwrap_or(0),
+        serial: m.get("serial").cloned().unwrap_or_default(),
+        client,
         num_samples: get("num_samples")?.parse().map_err(|_| "bad num_samples")?,
         scale: get("scale")?.parse().map_err(|_| "bad scale")?,
         mean_loss: get("mean_loss")?.parse().ok(),
@@ -220,19 +289,22 @@ impl Opened {
     }
 }
 
-/// Combines stored updates into one step, tensor by tensor and slice by slice.
+/// Combines stored updates into one step, tensor by tensor and slice by slice, each with
+/// the weight and scale its bounded influence allows.
 pub fn aggregate(
     stored: &[Stored],
+    influence: &[Influence],
     expected: &BTreeMap<String, Vec<usize>>,
     strategy: Strategy,
     trim_fraction: f64,
 ) -> Result<TensorMap, String> {
+    assert_eq!(stored.len(), influence.len());
     let files = stored
         .iter()
         .map(|s| Opened::open(&s.path))
         .collect::<Result<Vec<_>, String>>()?;
-    let weights: Vec<f64> = stored.iter().map(|s| s.num_samples as f64).collect();
-    let scales: Vec<f64> = stored.iter().map(|s| s.scale).collect();
+    let weights: Vec<f64> = influence.iter().map(|i| i.weight).collect();
+    let scales: Vec<f64> = influence.iter().map(|i| i.scale).collect();
     let mut buffers = vec![vec![0f32; SLICE]; stored.len()];
     let mut out = TensorMap::new();
     for (name, shape) in expected {
@@ -284,13 +356,45 @@ mod tests {
                 mean_loss: Some(0.5),
                 digest: vec![i as u8],
                 path: PathBuf::new(),
+                norm: 1.5,
+                declared: 7,
+                serial: "ab".into(),
             };
-            p.save(4, &s, &t).unwrap();
+            let partial = p.spool(4, &s, &t).unwrap();
+            // Not counted until accepted.
+            assert_eq!(p.list(4).len(), i);
+            p.accept(&partial, client).unwrap();
         }
+        // A spooled update never accepted (a crash mid-check) does not count, and is
+        // removed when the coordinator starts again.
+        let s = Stored {
+            client: "c".into(),
+            num_samples: 1,
+            scale: 1.0,
+            mean_loss: None,
+            digest: vec![],
+            path: PathBuf::new(),
+            norm: 0.0,
+            declared: 0,
+            serial: String::new(),
+        };
+        let t = TensorMap::from([("w".to_string(), HostTensor::new(vec![3], vec![9.0; 3]))]);
+        let orphan = p.spool(4, &s, &t).unwrap();
         let listed = p.list(4);
         assert_eq!(listed.len(), 2);
+        let p = Pending::open(dir.path()).unwrap();
+        assert!(!orphan.exists());
         assert_eq!(listed[1].num_samples, 3);
-        let step = aggregate(&listed, &expected, Strategy::Fedavg, 0.0).unwrap();
+        assert_eq!((listed[1].norm, listed[1].declared), (1.5, 7));
+        assert_eq!(listed[1].serial, "ab");
+        let inf: Vec<Influence> = listed
+            .iter()
+            .map(|s| Influence {
+                weight: s.num_samples as f64,
+                scale: 1.0,
+            })
+            .collect();
+        let step = aggregate(&listed, &inf, &expected, Strategy::Fedavg, 0.0).unwrap();
         assert_eq!(step["w"].data, vec![0.75; 3]);
         p.clear_through(4);
         assert!(p.list(4).is_empty());

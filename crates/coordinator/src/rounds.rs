@@ -14,6 +14,9 @@ use crate::store::RoundRecord;
 pub struct AgentSeen {
     pub last_seen: Instant,
     pub shard_size: u64,
+    /// Serial of the certificate it last joined with (empty over plaintext), so a revoked
+    /// serial stops it being selected.
+    pub serial: String,
 }
 
 /// A round accepting updates.
@@ -34,10 +37,18 @@ pub struct OpenRound {
 }
 
 impl OpenRound {
+    /// Every selected agent answered (agents dropped from the round no longer count).
     pub fn is_complete(&self) -> bool {
         self.selected
             .iter()
             .all(|id| self.submitted.contains_key(id))
+    }
+
+    /// Takes an agent out of the round (a stalled upload, a revoked certificate): the round
+    /// no longer waits for it. Returns its accepted update, if it had one.
+    pub fn drop_agent(&mut self, id: &str) -> Option<Stored> {
+        self.selected.remove(id);
+        self.submitted.remove(id)
     }
 
     pub fn record(&self, stsb_dev: Option<f64>) -> RoundRecord {
@@ -58,6 +69,8 @@ impl OpenRound {
             bytes_down: self.bytes_down,
             seconds: self.opened.elapsed().as_secs_f64(),
             refused: self.refused.clone(),
+            bounded: 0,
+            step_ratio: None,
         }
     }
 }
@@ -88,11 +101,16 @@ pub struct State {
 }
 
 impl State {
-    pub fn connected(&self, timeout: Duration) -> Vec<String> {
+    /// Agents heard from within `timeout` whose certificate `revoked` does not name.
+    pub fn connected(
+        &self,
+        timeout: Duration,
+        revoked: impl Fn(&str, &str) -> bool,
+    ) -> Vec<String> {
         let mut ids: Vec<String> = self
             .agents
             .iter()
-            .filter(|(_, a)| a.last_seen.elapsed() <= timeout)
+            .filter(|(id, a)| a.last_seen.elapsed() <= timeout && !revoked(id, &a.serial))
             .map(|(id, _)| id.clone())
             .collect();
         ids.sort();

@@ -2,7 +2,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fedmicse_federation::{Refusal, validate_update};
 use fedmicse_wire::pb::{
@@ -40,10 +40,17 @@ pub(crate) enum Role {
     Operator,
 }
 
-/// The caller's client id: from its certificate (mTLS), or from a header when plaintext is
+/// Who is calling: the client id (checked by the certificate-name rule, so it is safe as a
+/// file name) and the serial of its certificate (empty over plaintext).
+pub(crate) struct Caller {
+    pub id: String,
+    pub serial: String,
+}
+
+/// The caller's identity: from its certificate (mTLS), or from a header when plaintext is
 /// explicitly allowed. Checked against the allowlist (agents) or the operators list.
-pub(crate) fn identify<T>(shared: &Shared, req: &Request<T>, role: Role) -> Result<String, Status> {
-    let id = match req.peer_certs() {
+pub(crate) fn identify<T>(shared: &Shared, req: &Request<T>, role: Role) -> Result<Caller, Status> {
+    let (id, serial) = match req.peer_certs() {
         Some(certs) => {
             let leaf = certs
                 .first()
@@ -57,19 +64,34 @@ pub(crate) fn identify<T>(shared: &Shared, req: &Request<T>, role: Role) -> Resu
                     peer.id, peer.serial
                 )));
             }
-            peer.id
+            (peer.id, peer.serial)
         }
-        None if shared.config.server.allow_plaintext => req
-            .metadata()
-            .get(CLIENT_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .ok_or_else(|| {
-                Status::unauthenticated(format!("plaintext callers must send {CLIENT_ID_HEADER}"))
-            })?,
+        None if shared.config.server.allow_plaintext => {
+            let id = req
+                .metadata()
+                .get(CLIENT_ID_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    Status::unauthenticated(format!(
+                        "plaintext callers must send {CLIENT_ID_HEADER}"
+                    ))
+                })?;
+            if shared.revocations.is_revoked(&id, "") {
+                return Err(Status::permission_denied(format!(
+                    "client id {id:?} is revoked"
+                )));
+            }
+            (id, String::new())
+        }
         None => return Err(Status::unauthenticated("no client certificate")),
     };
+    // One rule for ids everywhere: the one `fedmicse certs` issues names by.
+    if let Err(e) = fedmicse_wire::certs::check_agent_id(&id) {
+        tracing::warn!(client = ?id, "refused: malformed client id");
+        return Err(Status::unauthenticated(e.to_string()));
+    }
     let f = &shared.config.federation;
     let open = f.allowlist.is_empty() && shared.config.tls.is_none();
     let agent = f.allowlist.iter().any(|a| a == &id);
@@ -81,7 +103,7 @@ pub(crate) fn identify<T>(shared: &Shared, req: &Request<T>, role: Role) -> Resu
             "client id {id:?} is not on the coordinator's allowlist"
         )));
     }
-    Ok(id)
+    Ok(Caller { id, serial })
 }
 
 fn refusal_status(r: &Refusal) -> Status {
@@ -91,6 +113,11 @@ fn refusal_status(r: &Refusal) -> Status {
         Refusal::NotSelected(_) => Status::permission_denied(msg),
         Refusal::Duplicate(_) => Status::already_exists(msg),
         Refusal::Stream(_) | Refusal::Digest(_) => Status::data_loss(msg),
+        Refusal::Idle(_) => Status::deadline_exceeded(msg),
+        Refusal::Busy => Status::resource_exhausted(msg),
+        Refusal::Revoked => Status::permission_denied(msg),
+        // The coordinator's own trouble (a full disk): not the agent's fault, try later.
+        Refusal::Storage(_) => Status::unavailable(msg),
         _ => Status::invalid_argument(msg),
     }
 }
@@ -100,7 +127,7 @@ type ModelStream = Pin<Box<dyn Stream<Item = Result<ModelChunk, Status>> + Send>
 #[tonic::async_trait]
 impl Federation for FederationService {
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
-        let id = identify(&self.shared, &req, Role::Agent)?;
+        let Caller { id, serial } = identify(&self.shared, &req, Role::Agent)?;
         let req = req.into_inner();
         let s = &self.shared;
         let global = s.global.load();
@@ -111,6 +138,7 @@ impl Federation for FederationService {
             AgentSeen {
                 last_seen: Instant::now(),
                 shard_size: req.shard_size,
+                serial,
             },
         );
         if first {
@@ -149,8 +177,13 @@ impl Federation for FederationService {
     type PullModelStream = ModelStream;
 
     async fn pull_model(&self, req: Request<PullRequest>) -> Result<Response<ModelStream>, Status> {
-        let id = identify(&self.shared, &req, Role::Agent)?;
+        let id = identify(&self.shared, &req, Role::Agent)?.id;
         let round = req.into_inner().round;
+        let Some(slot) = self.shared.downloads_in_flight.reserve(&id) else {
+            return Err(Status::resource_exhausted(
+                "a model download for this agent is already in flight",
+            ));
+        };
         {
             let st = self.shared.lock();
             match &st.phase {
@@ -172,10 +205,24 @@ impl Federation for FederationService {
         let shared = self.shared.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<ModelChunk, Status>>(2);
         let downloads = self.shared.downloads.clone();
+        let idle = std::time::Duration::from_secs(self.shared.config.server.stream_idle_secs);
         tokio::spawn(async move {
+            let _slot = slot;
             // Bounded memory: a few chunks per download, a bounded number of downloads.
             let Ok(_permit) = downloads.acquire_owned().await else {
                 return;
+            };
+            // A reader that stops reading loses its download after `idle`, freeing its
+            // permit for the others.
+            let send = |msg| {
+                let tx = tx.clone();
+                async move {
+                    match tokio::time::timeout(idle, tx.send(msg)).await {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(_)) => Err("the agent closed the stream"),
+                        Err(_) => Err("the agent stopped reading"),
+                    }
+                }
             };
             let header = ModelHeader {
                 round: global.round,
@@ -196,13 +243,11 @@ impl Federation for FederationService {
                 .iter()
                 .map(|f| f.content.len() as u64)
                 .sum::<u64>();
-            if tx
-                .send(Ok(ModelChunk {
-                    part: Some(model_chunk::Part::Header(header)),
-                }))
-                .await
-                .is_err()
-            {
+            let head = Ok(ModelChunk {
+                part: Some(model_chunk::Part::Header(header)),
+            });
+            if let Err(why) = send(head).await {
+                tracing::warn!(client = %id, why, "model download interrupted");
                 return;
             }
             for chunk in chunk_tensors(&global.tensors) {
@@ -210,11 +255,12 @@ impl Federation for FederationService {
                 let msg = ModelChunk {
                     part: Some(model_chunk::Part::Tensor(chunk)),
                 };
-                if tx.send(Ok(msg)).await.is_err() {
-                    tracing::warn!(client = %id, "model download interrupted");
+                if let Err(why) = send(Ok(msg)).await {
+                    tracing::warn!(client = %id, why, "model download interrupted");
                     return;
                 }
             }
+            drop(tx);
             let mut st = shared.lock();
             if let Phase::Training(open) = &mut st.phase
                 && open.round == round
@@ -231,14 +277,36 @@ impl Federation for FederationService {
         &self,
         req: Request<Streaming<UpdateChunk>>,
     ) -> Result<Response<SubmitResponse>, Status> {
-        let id = identify(&self.shared, &req, Role::Agent)?;
+        let caller = identify(&self.shared, &req, Role::Agent)?;
+        let id = caller.id.clone();
         let s = self.shared.clone();
-        let result = receive_update(&s, &id, req.into_inner()).await;
+        // One upload per agent at a time: a second one in parallel could only be a retry
+        // racing the first, or an attempt to overwrite it.
+        let Some(_slot) = s.uploads_in_flight.reserve(&id) else {
+            let refusal = Refusal::Busy;
+            tracing::warn!(client = %id, check = refusal.kind(), reason = %refusal, "update refused");
+            s.lock().refuse(refusal.kind());
+            return Err(refusal_status(&refusal));
+        };
+        let result = receive_update(&s, &caller, req.into_inner()).await;
         match result {
             Ok(resp) => Ok(Response::new(resp)),
             Err(refusal) => {
                 tracing::warn!(client = %id, check = refusal.kind(), reason = %refusal, "update refused");
-                s.lock().refuse(refusal.kind());
+                let mut st = s.lock();
+                st.refuse(refusal.kind());
+                // A stalled upload takes its agent out of the round, so the round does not
+                // wait for it until the deadline.
+                if matches!(refusal, Refusal::Idle(_))
+                    && let Phase::Training(open) = &mut st.phase
+                    && open.selected.contains(&id)
+                    && !open.submitted.contains_key(&id)
+                {
+                    open.drop_agent(&id);
+                    tracing::warn!(client = %id, round = open.round, "stalled agent dropped from the round");
+                    drop(st);
+                    s.wake.notify_one();
+                }
                 Err(refusal_status(&refusal))
             }
         }
@@ -248,7 +316,7 @@ impl Federation for FederationService {
         &self,
         req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        identify(&self.shared, &req, Role::Operator)?;
+        let _ = identify(&self.shared, &req, Role::Operator)?;
         Ok(Response::new(status(&self.shared)))
     }
 }
@@ -257,7 +325,10 @@ pub(crate) fn status(s: &Shared) -> StatusResponse {
     let st = s.lock();
     let f = &s.config.federation;
     let connected = st
-        .connected(std::time::Duration::from_secs(f.agent_timeout_secs))
+        .connected(
+            std::time::Duration::from_secs(f.agent_timeout_secs),
+            |id, serial| s.revocations.is_revoked(id, serial),
+        )
         .len() as u32;
     let global_round = s.global.load().round;
     let mut r = StatusResponse {
@@ -308,16 +379,27 @@ fn assembly_refusal(e: fedmicse_wire::AssemblyError) -> Refusal {
     }
 }
 
-/// Receives, checks and stores one update.
+/// The next message of an upload, or a refusal when none comes within `idle`.
+async fn next_chunk(
+    stream: &mut Streaming<UpdateChunk>,
+    idle: Duration,
+) -> Result<Option<UpdateChunk>, Refusal> {
+    match tokio::time::timeout(idle, stream.message()).await {
+        Ok(r) => r.map_err(|e| Refusal::Stream(e.message().to_string())),
+        Err(_) => Err(Refusal::Idle(idle.as_secs())),
+    }
+}
+
+/// Receives, checks and stores one update. The caller holds the agent's upload slot.
 async fn receive_update(
     s: &Arc<Shared>,
-    id: &str,
+    caller: &Caller,
     mut stream: Streaming<UpdateChunk>,
 ) -> Result<SubmitResponse, Refusal> {
-    let first = stream
-        .message()
-        .await
-        .map_err(|e| Refusal::Stream(e.message().to_string()))?
+    let id = caller.id.as_str();
+    let idle = Duration::from_secs(s.config.server.stream_idle_secs);
+    let first = next_chunk(&mut stream, idle)
+        .await?
         .ok_or_else(|| Refusal::Stream("empty stream".into()))?;
     let Some(update_chunk::Part::Header(header)) = first.part else {
         return Err(Refusal::Stream(
@@ -359,6 +441,12 @@ async fn receive_update(
             }
             return Err(Refusal::Duplicate(open.round));
         }
+        if header.num_samples == 0 || header.num_samples > s.config.updates.max_samples {
+            return Err(Refusal::Samples {
+                got: header.num_samples,
+                max: s.config.updates.max_samples,
+            });
+        }
         open.expected.clone()
     };
     let elem = match s.config.task.update_dtype.as_str() {
@@ -370,7 +458,7 @@ async fn receive_update(
         .map(|s| s.iter().product::<usize>() as u64 * elem)
         .sum();
     // Bounded memory: only so many updates are held at once; others wait here, their
-    // streams held back by HTTP/2 flow control.
+    // streams held back by HTTP/2 flow control. Every holder is bounded by the idle timeout.
     let _permit = s.uploads.acquire().await.expect("semaphore open");
     let dtype = fedmicse_wire::tensors::parse_dtype(&s.config.task.update_dtype)
         .unwrap_or(pb::ElementType::F32);
@@ -381,11 +469,7 @@ async fn receive_update(
     });
     let mut received: u64 = 0;
     let outcome: Result<_, Refusal> = async {
-        while let Some(msg) = stream
-            .message()
-            .await
-            .map_err(|e| Refusal::Stream(e.message().to_string()))?
-        {
+        while let Some(msg) = next_chunk(&mut stream, idle).await? {
             match msg.part {
                 Some(update_chunk::Part::Tensor(chunk)) => {
                     received += chunk.data.len() as u64;
@@ -425,24 +509,53 @@ async fn receive_update(
             .filter(|l| l.is_finite()),
         digest: header.digest.clone(),
         path: Default::default(),
+        norm: 0.0,
+        declared: 0,
+        serial: caller.serial.clone(),
     };
-    // Check, then store durably before acknowledging: an accepted update survives a crash.
+    // Check, then spool durably under a name of its own; it counts once renamed below.
     let shared = s.clone();
     let round = header.round;
     let stored = tokio::task::spawn_blocking(move || {
         stored.scale = validate_update(&update, &expected, n, &rules)?;
+        stored.norm = fedmicse_federation::l2_norm(&update);
         if stored.scale < 1.0 {
             tracing::info!(client = %stored.client, scale = stored.scale, "update clipped to the norm bound");
         }
         stored.path = shared
             .pending
-            .save(round, &stored, &update)
-            .map_err(|e| Refusal::Stream(format!("could not store the update: {e}")))?;
+            .spool(round, &stored, &update)
+            .map_err(Refusal::Storage)?;
         Ok::<_, Refusal>(stored)
     })
     .await
-    .map_err(|e| Refusal::Stream(e.to_string()))??;
+    .map_err(|e| Refusal::Storage(e.to_string()))??;
+    let spooled = stored.path.clone();
+    let accepted = accept(s, caller, &header, stored, received);
+    if accepted.is_err() {
+        s.pending.discard(&spooled);
+    }
+    let resp = accepted?;
+    s.wake.notify_one();
+    Ok(resp)
+}
+
+/// Admits a checked, spooled update to the open round, under the state lock: the round,
+/// the agent's certificate and its slot are checked again (all may have changed while the
+/// update streamed in), and only then does the file get its final name.
+fn accept(
+    s: &Shared,
+    caller: &Caller,
+    header: &pb::UpdateHeader,
+    mut stored: Stored,
+    received: u64,
+) -> Result<SubmitResponse, Refusal> {
+    let id = caller.id.as_str();
+    if s.revocations.is_revoked(id, &caller.serial) {
+        return Err(Refusal::Revoked);
+    }
     let mut st = s.lock();
+    let declared = st.agents.get(id).map_or(0, |a| a.shard_size);
     let Phase::Training(open) = &mut st.phase else {
         return Err(Refusal::NoRound);
     };
@@ -452,22 +565,30 @@ async fn receive_update(
             open: open.round,
         });
     }
+    if !open.selected.contains(id) {
+        return Err(Refusal::NotSelected(open.round));
+    }
     if open.submitted.contains_key(id) {
         return Err(Refusal::Duplicate(open.round));
     }
+    stored.declared = declared;
+    stored.path = s
+        .pending
+        .accept(&stored.path, id)
+        .map_err(Refusal::Storage)?;
+    let n = stored.num_samples;
     open.submitted.insert(id.to_string(), stored);
     let round = open.round;
     tracing::info!(
         client = %id,
         round,
         samples = n,
+        declared,
         bytes = received,
         answered = open.submitted.len(),
         selected = open.selected.len(),
         "update accepted"
     );
-    drop(st);
-    s.wake.notify_one();
     Ok(SubmitResponse {
         accepted: true,
         round,

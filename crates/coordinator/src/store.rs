@@ -33,6 +33,12 @@ pub struct RoundRecord {
     /// Updates refused in this round, by check.
     #[serde(default)]
     pub refused: std::collections::BTreeMap<String, u64>,
+    /// Updates whose weight or norm the influence bounds reduced.
+    #[serde(default)]
+    pub bounded: u32,
+    /// ‖W_new − W_old‖ / ‖W_old‖ over the trained tensors.
+    #[serde(default)]
+    pub step_ratio: Option<f64>,
 }
 
 /// The global model of a committed round.

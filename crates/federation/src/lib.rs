@@ -7,6 +7,7 @@
 //! `W ← W + η · Σ nᵢΔᵢ / Σ nᵢ`.
 
 pub mod aggregate;
+pub mod influence;
 pub mod partition;
 pub mod robust;
 pub mod task;
@@ -14,6 +15,7 @@ pub mod validate;
 
 pub use aggregate::{WeightedSum, apply_step, delta, l2_norm};
 pub use fedmicse_encoder::{HostTensor, TensorMap};
+pub use influence::{Influence, StepNorms, StepRefusal, UpdateStats, bound_influence, check_step};
 pub use robust::{ServerHyper, ServerOptimizer, ServerState, Strategy, combine, server_step};
 pub use task::TaskConfig;
 pub use validate::{Refusal, UpdateRules, validate_update};

@@ -19,6 +19,27 @@ pub enum Strategy {
     TrimmedMean,
 }
 
+/// Updates trimmed at each end by trimmed_mean with `n` updates: ⌊fraction · n⌋, at most
+/// what leaves one.
+pub fn trim_count(trim_fraction: f64, n: usize) -> usize {
+    ((trim_fraction * n as f64).floor() as usize).min(n.saturating_sub(1) / 2)
+}
+
+/// Whether `strategy` can outvote one arbitrary update among `n`: the median needs 3,
+/// trimmed mean a trim count of at least 1.
+pub fn robust_enough(strategy: Strategy, trim_fraction: f64, n: usize) -> Result<(), String> {
+    match strategy {
+        Strategy::Fedavg => Ok(()),
+        Strategy::Median if n < 3 => Err(format!(
+            "the median of {n} update(s) cannot outvote a hostile one (3 needed)"
+        )),
+        Strategy::TrimmedMean if trim_count(trim_fraction, n) == 0 => Err(format!(
+            "trimmed mean with trim_fraction {trim_fraction} trims nothing of {n} update(s)"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Combines `columns[i][k]` (update i, coordinate k) into `out[k]`. `weights` are the
 /// sample counts (FedAvg only); `scales` per-update factors (norm clipping).
 pub fn combine(
@@ -44,7 +65,7 @@ pub fn combine(
         }
         Strategy::Median | Strategy::TrimmedMean => {
             let trim = if strategy == Strategy::TrimmedMean {
-                ((trim_fraction * n as f64).floor() as usize).min((n - 1) / 2)
+                trim_count(trim_fraction, n)
             } else {
                 0
             };

@@ -54,6 +54,27 @@ impl Default for TaskConfig {
     }
 }
 
+// Ceilings on what a task may ask. They are far above any sensible setting and exist so
+// that an agent never obeys an absurd task (a compromised coordinator asking for a billion
+// steps, a 1 M-token sequence or a million AMI samples would make it train forever or run
+// out of memory), and so that a coordinator never sends one.
+
+/// Most local steps per round.
+pub const MAX_STEPS: u32 = 1_000_000;
+/// Most local epochs per round.
+pub const MAX_EPOCHS: u32 = 10_000;
+/// Largest batch.
+pub const MAX_BATCH_SIZE: u32 = 65_536;
+/// Longest sequence in tokens (BERT-style encoders have 512 positions).
+pub const MAX_LEN: u32 = 4096;
+/// Most AMI samples per step.
+pub const MAX_AMI_SAMPLES: u32 = 1_000_000;
+/// Highest AMI layer index (no encoder here has anywhere near this many layers).
+pub const MAX_LAYERS: u32 = 1024;
+/// Most entries in `trainable`, and the longest entry.
+pub const MAX_TRAINABLE: usize = 4096;
+pub const MAX_TRAINABLE_NAME: usize = 256;
+
 impl TaskConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.objective != "micse" && self.objective != "simcse" {
@@ -71,11 +92,54 @@ impl TaskConfig {
         if self.max_len < 3 {
             return Err("task.max_len must be at least 3".into());
         }
-        if !(self.lr > 0.0) {
-            return Err("task.lr must be positive".into());
+        if self.steps > MAX_STEPS {
+            return Err(format!("task.steps {} exceeds {MAX_STEPS}", self.steps));
         }
-        if !(self.temperature > 0.0) {
-            return Err("task.temperature must be positive".into());
+        if self.epochs > MAX_EPOCHS {
+            return Err(format!("task.epochs {} exceeds {MAX_EPOCHS}", self.epochs));
+        }
+        if self.batch_size > MAX_BATCH_SIZE {
+            return Err(format!(
+                "task.batch_size {} exceeds {MAX_BATCH_SIZE}",
+                self.batch_size
+            ));
+        }
+        if self.max_len > MAX_LEN {
+            return Err(format!("task.max_len {} exceeds {MAX_LEN}", self.max_len));
+        }
+        if self.ami_samples > MAX_AMI_SAMPLES {
+            return Err(format!(
+                "task.ami_samples {} exceeds {MAX_AMI_SAMPLES}",
+                self.ami_samples
+            ));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(format!("task.lr {} must be positive and finite", self.lr));
+        }
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return Err(format!(
+                "task.temperature {} must be positive and finite",
+                self.temperature
+            ));
+        }
+        for (name, v) in [
+            ("lambda", self.lambda),
+            ("weight_decay", self.weight_decay),
+            ("max_grad_norm", self.max_grad_norm),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(format!("task.{name} {v} must be finite and not negative"));
+            }
+        }
+        if self.trainable.len() > MAX_TRAINABLE
+            || self
+                .trainable
+                .iter()
+                .any(|t| t.is_empty() || t.len() > MAX_TRAINABLE_NAME)
+        {
+            return Err(format!(
+                "task.trainable: at most {MAX_TRAINABLE} names of 1 to {MAX_TRAINABLE_NAME} bytes"
+            ));
         }
         if !matches!(self.update_dtype.as_str(), "f32" | "f16" | "bf16") {
             return Err(format!(
@@ -86,6 +150,7 @@ impl TaskConfig {
         if !self.ami_layers.is_empty() {
             let ok = self.ami_layers.len() == 2
                 && self.ami_layers[0] < self.ami_layers[1]
+                && self.ami_layers[1] <= MAX_LAYERS
                 && (self.ami_layers[1] - self.ami_layers[0]) % 2 == 0;
             if !ok {
                 return Err(format!(

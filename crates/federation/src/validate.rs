@@ -4,15 +4,34 @@ use std::collections::BTreeMap;
 
 use crate::TensorMap;
 
-/// Limits on updates, from the coordinator's configuration.
+/// Limits on updates and on the influence of any one agent, from the coordinator's
+/// configuration (`[updates]`). The defaults are the defences a federation of partners who
+/// do not fully trust each other needs; [`UpdateRules::none`] turns every bound off (a
+/// trusted federation, or the baseline of an attack simulation).
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct UpdateRules {
-    /// Largest accepted L2 norm of a delta (`None`: no bound).
+    /// Fixed ceiling on a delta's L2 norm (`None`: none). Refused above it, or scaled down to
+    /// it when `clip` is set.
     pub max_norm: Option<f64>,
     /// Scale updates above `max_norm` down to it instead of refusing them.
     pub clip: bool,
-    /// Largest accepted sample count of one update.
+    /// Adaptive norm bound: at aggregation every update is scaled down to at most this
+    /// multiple of the round's median update norm (0 = off). Covers scaled, noisy and
+    /// sign-flipped updates: no update moves the model more than this many honest ones.
+    pub norm_multiplier: f64,
+    /// Largest sample count an update may claim; refused above.
     pub max_samples: u64,
+    /// Ceiling on one update's aggregation weight (samples counted at most this many;
+    /// 0 = none). Weights are also capped by the shard size the agent declared at Join.
+    pub max_weight: u64,
+    /// An update weighs at most this multiple of the round's median weight (0 = off).
+    /// Covers sample-count inflation: a claimed 10,000,000 samples count as 2 medians.
+    pub max_weight_ratio: f64,
+    /// The committed change of the global model, ‖W_new − W_old‖, may be at most this share
+    /// of ‖W_old‖ over the trained tensors (0 = off). A failing round is refused, the
+    /// previous model stays served and the round is retried with fresh updates.
+    pub max_step_ratio: f64,
 }
 
 impl Default for UpdateRules {
@@ -20,8 +39,61 @@ impl Default for UpdateRules {
         UpdateRules {
             max_norm: None,
             clip: false,
+            norm_multiplier: 2.0,
             max_samples: 10_000_000,
+            max_weight: 1_000_000,
+            max_weight_ratio: 2.0,
+            max_step_ratio: 0.25,
         }
+    }
+}
+
+impl UpdateRules {
+    /// No bound on influence: plain FedAvg of every well-formed update (NaN, shapes, names,
+    /// digests and sample counts are still checked).
+    pub fn none() -> Self {
+        UpdateRules {
+            max_norm: None,
+            clip: false,
+            norm_multiplier: 0.0,
+            max_samples: u64::MAX,
+            max_weight: 0,
+            max_weight_ratio: 0.0,
+            max_step_ratio: 0.0,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(m) = self.max_norm
+            && !(m > 0.0 && m.is_finite())
+        {
+            return Err(format!("updates.max_norm {m} must be positive"));
+        }
+        for (name, v) in [
+            ("norm_multiplier", self.norm_multiplier),
+            ("max_weight_ratio", self.max_weight_ratio),
+            ("max_step_ratio", self.max_step_ratio),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(format!("updates.{name} {v} must be 0 (off) or positive"));
+            }
+        }
+        if self.norm_multiplier > 0.0 && self.norm_multiplier < 1.0 {
+            return Err(format!(
+                "updates.norm_multiplier {} would clip the median update itself: use 0 (off) or at least 1",
+                self.norm_multiplier
+            ));
+        }
+        if self.max_weight_ratio > 0.0 && self.max_weight_ratio < 1.0 {
+            return Err(format!(
+                "updates.max_weight_ratio {} would cap the median weight itself: use 0 (off) or at least 1",
+                self.max_weight_ratio
+            ));
+        }
+        if self.max_samples == 0 {
+            return Err("updates.max_samples must be at least 1".into());
+        }
+        Ok(())
     }
 }
 
@@ -59,6 +131,14 @@ pub enum Refusal {
     DType(String),
     #[error("malformed update stream: {0}")]
     Stream(String),
+    #[error("no data for {0} s: the upload was closed")]
+    Idle(u64),
+    #[error("an upload from this agent is already in flight")]
+    Busy,
+    #[error("the agent's certificate was revoked")]
+    Revoked,
+    #[error("the coordinator could not store the update: {0}")]
+    Storage(String),
 }
 
 impl Refusal {
@@ -77,6 +157,10 @@ impl Refusal {
             Refusal::Digest(_) => "digest",
             Refusal::DType(_) => "dtype",
             Refusal::Stream(_) => "stream",
+            Refusal::Idle(_) => "idle",
+            Refusal::Busy => "busy",
+            Refusal::Revoked => "revoked",
+            Refusal::Storage(_) => "storage",
         }
     }
 }
@@ -158,6 +242,7 @@ mod tests {
             max_norm: Some(10.0),
             clip: false,
             max_samples: 100,
+            ..UpdateRules::default()
         };
         assert_eq!(validate_update(&ok, &expected, 5, &rules), Ok(1.0));
         let kind = |u: &TensorMap, n: u64, r: &UpdateRules| {

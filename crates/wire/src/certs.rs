@@ -18,16 +18,53 @@ fn err(e: impl std::fmt::Display) -> TlsError {
     TlsError(e.to_string())
 }
 
-fn write(path: &Path, content: &str, private: bool) -> Result<(), TlsError> {
-    std::fs::write(path, content).map_err(|e| TlsError(format!("{}: {e}", path.display())))?;
+/// Writes a new file. A private key is created with mode 0600 from its first byte (never
+/// written under the default umask and narrowed later). An existing file is refused unless
+/// `force`, in which case it is removed first so the new one gets a fresh mode.
+fn write(path: &Path, content: &str, private: bool, force: bool) -> Result<(), TlsError> {
+    use std::io::Write;
+    let fail = |e: std::io::Error| TlsError(format!("{}: {e}", path.display()));
+    if force {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(fail(e)),
+            _ => {}
+        }
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
     #[cfg(unix)]
-    if private {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| TlsError(format!("{}: {e}", path.display())))?;
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(if private { 0o600 } else { 0o644 });
     }
     let _ = private;
-    Ok(())
+    let mut file = options.open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            TlsError(format!(
+                "{} exists: refusing to overwrite it (use --force to replace it)",
+                path.display()
+            ))
+        } else {
+            fail(e)
+        }
+    })?;
+    file.write_all(content.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(fail)
+}
+
+/// Refuses, before anything is written, when one of `paths` exists and `force` is not set.
+fn refuse_existing(paths: &[&Path], force: bool) -> Result<(), TlsError> {
+    if force {
+        return Ok(());
+    }
+    match paths.iter().find(|p| p.exists()) {
+        Some(p) => Err(TlsError(format!(
+            "{} exists: refusing to overwrite it (use --force to replace it)",
+            p.display()
+        ))),
+        None => Ok(()),
+    }
 }
 
 fn random_serial() -> SerialNumber {
@@ -72,7 +109,19 @@ pub struct InitOutput {
 
 /// Creates `DIR/ca.{pem,key}` and the coordinator's `DIR/coordinator.{pem,key}`, valid for
 /// `hosts` (DNS names or IP addresses; `localhost` and `127.0.0.1` are always included).
+/// Refuses to overwrite any of them (see [`init_with`]).
 pub fn init(dir: &Path, hosts: &[String], days: i64) -> Result<InitOutput, TlsError> {
+    init_with(dir, hosts, days, false)
+}
+
+/// As [`init`]; with `force`, replaces existing files (a new CA: every certificate issued
+/// by the old one stops working).
+pub fn init_with(
+    dir: &Path,
+    hosts: &[String],
+    days: i64,
+    force: bool,
+) -> Result<InitOutput, TlsError> {
     std::fs::create_dir_all(dir).map_err(|e| TlsError(format!("{}: {e}", dir.display())))?;
     let out = InitOutput {
         ca_cert: dir.join("ca.pem"),
@@ -80,12 +129,10 @@ pub fn init(dir: &Path, hosts: &[String], days: i64) -> Result<InitOutput, TlsEr
         server_cert: dir.join("coordinator.pem"),
         server_key: dir.join("coordinator.key"),
     };
-    if out.ca_key.exists() {
-        return Err(TlsError(format!(
-            "{} exists: refusing to overwrite the federation's CA key",
-            out.ca_key.display()
-        )));
-    }
+    refuse_existing(
+        &[&out.ca_key, &out.ca_cert, &out.server_key, &out.server_cert],
+        force,
+    )?;
     let ca_key = KeyPair::generate().map_err(err)?;
     let mut ca = CertificateParams::default();
     ca.distinguished_name = dn("fedmicse CA");
@@ -98,8 +145,8 @@ pub fn init(dir: &Path, hosts: &[String], days: i64) -> Result<InitOutput, TlsEr
     ca.serial_number = Some(random_serial());
     dates(&mut ca, days.max(1) * 5);
     let ca_cert = ca.self_signed(&ca_key).map_err(err)?;
-    write(&out.ca_cert, &ca_cert.pem(), false)?;
-    write(&out.ca_key, &ca_key.serialize_pem(), true)?;
+    write(&out.ca_cert, &ca_cert.pem(), false, force)?;
+    write(&out.ca_key, &ca_key.serialize_pem(), true, force)?;
 
     let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "coordinator".into()];
     for h in hosts {
@@ -117,8 +164,8 @@ pub fn init(dir: &Path, hosts: &[String], days: i64) -> Result<InitOutput, TlsEr
         ExtendedKeyUsagePurpose::ServerAuth,
         validity,
     )?;
-    write(&out.server_cert, &cert, false)?;
-    write(&out.server_key, &key, true)?;
+    write(&out.server_cert, &cert, false, force)?;
+    write(&out.server_key, &key, true, force)?;
     Ok(out)
 }
 
@@ -177,14 +224,27 @@ pub fn check_agent_id(id: &str) -> Result<(), TlsError> {
 
 /// Issues an agent certificate `OUT/ID.{pem,key}` (and copies `ca.pem` beside it) signed by
 /// the CA in `ca_dir`. Returns the certificate's serial (hex), for revocation lists.
+/// Refuses to overwrite an existing key or certificate (see [`issue_with`]).
 pub fn issue(ca_dir: &Path, id: &str, out: &Path, days: i64) -> Result<String, TlsError> {
+    issue_with(ca_dir, id, out, days, false)
+}
+
+/// As [`issue`]; with `force`, replaces an existing `ID.pem`/`ID.key` (and a different
+/// `ca.pem` in `out`).
+pub fn issue_with(
+    ca_dir: &Path,
+    id: &str,
+    out: &Path,
+    days: i64,
+    force: bool,
+) -> Result<String, TlsError> {
     let now = OffsetDateTime::now_utc();
-    issue_valid(
+    issue_dates(
         ca_dir,
         id,
         out,
-        now - Duration::hours(1),
-        now + Duration::days(days),
+        (now - Duration::hours(1), now + Duration::days(days)),
+        force,
     )
 }
 
@@ -196,6 +256,16 @@ pub fn issue_valid(
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
 ) -> Result<String, TlsError> {
+    issue_dates(ca_dir, id, out, (not_before, not_after), false)
+}
+
+fn issue_dates(
+    ca_dir: &Path,
+    id: &str,
+    out: &Path,
+    (not_before, not_after): (OffsetDateTime, OffsetDateTime),
+    force: bool,
+) -> Result<String, TlsError> {
     check_agent_id(id)?;
     let read = |p: PathBuf| {
         std::fs::read_to_string(&p).map_err(|e| TlsError(format!("{}: {e}", p.display())))
@@ -205,6 +275,17 @@ pub fn issue_valid(
         .map_err(|e| TlsError(format!("{}: {e}", ca_dir.join("ca.key").display())))?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(err)?;
     std::fs::create_dir_all(out).map_err(|e| TlsError(format!("{}: {e}", out.display())))?;
+    let (cert_path, key_path) = (out.join(format!("{id}.pem")), out.join(format!("{id}.key")));
+    // The CA certificate is copied beside the agent's unless `out` is the CA's folder; an
+    // identical copy already there is left alone (several agents issued into one folder).
+    let ca_copy = out.join("ca.pem");
+    let copy_ca = out.canonicalize().ok() != ca_dir.canonicalize().ok()
+        && std::fs::read_to_string(&ca_copy).ok().as_deref() != Some(ca_pem.as_str());
+    let mut targets = vec![cert_path.as_path(), key_path.as_path()];
+    if copy_ca {
+        targets.push(&ca_copy);
+    }
+    refuse_existing(&targets, force)?;
     let sans = if id
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
@@ -220,10 +301,10 @@ pub fn issue_valid(
         ExtendedKeyUsagePurpose::ClientAuth,
         (not_before, not_after),
     )?;
-    write(&out.join(format!("{id}.pem")), &cert, false)?;
-    write(&out.join(format!("{id}.key")), &key, true)?;
-    if out.canonicalize().ok() != ca_dir.canonicalize().ok() {
-        write(&out.join("ca.pem"), &ca_pem, false)?;
+    write(&cert_path, &cert, false, force)?;
+    write(&key_path, &key, true, force)?;
+    if copy_ca {
+        write(&ca_copy, &ca_pem, false, force)?;
     }
     let der = crate::tls::pem_to_der(cert.as_bytes()).expect("just written");
     Ok(crate::tls::peer_identity(&der)?.serial)
@@ -286,5 +367,64 @@ mod tests {
         assert!(dir.path().join("a/ca.pem").is_file());
         assert!(issue(dir.path(), "bad id!", dir.path(), 30).is_err());
         assert!(issue(dir.path(), "", dir.path(), 30).is_err());
+        // A second agent in the same folder shares the (identical) ca.pem copy.
+        issue(dir.path(), "silo-b", &dir.path().join("a"), 30).unwrap();
+    }
+
+    #[cfg(unix)]
+    fn mode(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    /// Keys are 0600 whatever the umask; nothing is overwritten without `force`.
+    #[cfg(unix)]
+    #[test]
+    fn keys_are_private_and_never_overwritten_silently() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = init(dir.path(), &[], 30).unwrap();
+        assert_eq!(mode(&out.ca_key), 0o600);
+        assert_eq!(mode(&out.server_key), 0o600);
+        let ca_key = std::fs::read(&out.ca_key).unwrap();
+
+        // init refuses any existing file, not only the CA key.
+        std::fs::remove_file(&out.ca_key).unwrap();
+        std::fs::write(&out.ca_key, &ca_key).unwrap();
+        std::fs::remove_file(&out.server_key).unwrap();
+        let e = init(dir.path(), &[], 30).unwrap_err().0;
+        assert!(e.contains("refusing") && e.contains("--force"), "{e}");
+        assert!(!out.server_key.exists(), "a refused init wrote something");
+        std::fs::write(&out.server_key, "x").unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let open = std::fs::Permissions::from_mode(0o644);
+            std::fs::set_permissions(&out.server_key, open).unwrap();
+        }
+        let again = init_with(dir.path(), &[], 30, true).unwrap();
+        assert_ne!(std::fs::read(&again.ca_key).unwrap(), ca_key);
+        // A replaced key is created afresh, with its own mode.
+        assert_eq!(mode(&again.server_key), 0o600);
+        assert_eq!(mode(&again.ca_key), 0o600);
+
+        let agents = dir.path().join("agents");
+        issue(dir.path(), "silo-a", &agents, 30).unwrap();
+        let key = agents.join("silo-a.key");
+        assert_eq!(mode(&key), 0o600);
+        let first = std::fs::read(&key).unwrap();
+        let e = issue(dir.path(), "silo-a", &agents, 30).unwrap_err().0;
+        assert!(e.contains("refusing"), "{e}");
+        assert_eq!(std::fs::read(&key).unwrap(), first);
+        issue_with(dir.path(), "silo-a", &agents, 30, true).unwrap();
+        assert_ne!(std::fs::read(&key).unwrap(), first);
+        assert_eq!(mode(&key), 0o600);
+        // A different ca.pem in the output folder is not replaced silently either.
+        std::fs::write(agents.join("ca.pem"), "another CA").unwrap();
+        assert!(issue(dir.path(), "silo-b", &agents, 30).is_err());
+        assert!(!agents.join("silo-b.key").exists());
+        issue_with(dir.path(), "silo-b", &agents, 30, true).unwrap();
+        assert_eq!(
+            std::fs::read(agents.join("ca.pem")).unwrap(),
+            std::fs::read(&again.ca_cert).unwrap()
+        );
     }
 }

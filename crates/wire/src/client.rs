@@ -42,6 +42,104 @@ pub struct PulledModel {
     pub bytes: u64,
 }
 
+/// What an agent accepts in a pulled model, whatever the coordinator's header declares:
+/// a compromised or buggy coordinator must not make an agent allocate without bound.
+/// The defaults leave room for models far larger than a BERT-base (~110 M parameters,
+/// 440 MB in f32, 200 tensors, a few small files).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PullLimits {
+    /// Tensors in the model.
+    pub max_tensors: usize,
+    /// Payload bytes of all tensors together.
+    pub max_total_bytes: u64,
+    /// Bytes of each file sent in the header (config.json, tokenizer.json, ...).
+    pub max_file_bytes: u64,
+    /// Files sent in the header.
+    pub max_files: usize,
+}
+
+impl Default for PullLimits {
+    fn default() -> Self {
+        PullLimits {
+            max_tensors: 4096,
+            max_total_bytes: 8 << 30,
+            max_file_bytes: 64 << 20,
+            max_files: 32,
+        }
+    }
+}
+
+/// Checks a model header against the agent's limits, before anything is allocated for
+/// the tensors it announces.
+pub fn check_model_header(header: &pb::ModelHeader, limits: &PullLimits) -> Result<(), String> {
+    if header.tensor_count as u64 > limits.max_tensors as u64 {
+        return Err(format!(
+            "the model declares {} tensors; this agent accepts at most {}",
+            header.tensor_count, limits.max_tensors
+        ));
+    }
+    if header.total_bytes > limits.max_total_bytes {
+        return Err(format!(
+            "the model declares {} bytes; this agent accepts at most {}",
+            header.total_bytes, limits.max_total_bytes
+        ));
+    }
+    if header.files.len() > limits.max_files {
+        return Err(format!(
+            "the model comes with {} files; this agent accepts at most {}",
+            header.files.len(),
+            limits.max_files
+        ));
+    }
+    if let Some(f) = header
+        .files
+        .iter()
+        .find(|f| f.content.len() as u64 > limits.max_file_bytes)
+    {
+        return Err(format!(
+            "model file {:?} has {} bytes; this agent accepts at most {} per file",
+            f.name,
+            f.content.len(),
+            limits.max_file_bytes
+        ));
+    }
+    Ok(())
+}
+
+/// Why a pull failed: the call itself, or a model this side refuses (beyond its limits,
+/// or not what its own header declared).
+#[derive(Debug)]
+pub enum PullError {
+    Status(Status),
+    Refused(String),
+}
+
+impl std::fmt::Display for PullError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PullError::Status(s) => write!(f, "{:?}: {}", s.code(), s.message()),
+            PullError::Refused(why) => write!(f, "model refused: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for PullError {}
+
+impl From<Status> for PullError {
+    fn from(s: Status) -> Self {
+        PullError::Status(s)
+    }
+}
+
+impl From<PullError> for Status {
+    fn from(e: PullError) -> Self {
+        match e {
+            PullError::Status(s) => s,
+            PullError::Refused(why) => Status::data_loss(why),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Connection {
     federation: FederationClient<Svc>,
@@ -109,8 +207,20 @@ impl Connection {
         Ok(self.federation.status(StatusRequest {}).await?.into_inner())
     }
 
-    /// Downloads and checks the global model of `round`.
+    /// Downloads and checks the global model of `round`, within the default [`PullLimits`].
     pub async fn pull(&mut self, round: u64) -> Result<PulledModel, Status> {
+        Ok(self.pull_with(round, &PullLimits::default()).await?)
+    }
+
+    /// Downloads and checks the global model of `round`: a header beyond `limits` is
+    /// refused before anything is allocated, and the tensors may exceed neither the
+    /// header's counts nor the limits.
+    pub async fn pull_with(
+        &mut self,
+        round: u64,
+        limits: &PullLimits,
+    ) -> Result<PulledModel, PullError> {
+        let refused = |why: String| PullError::Refused(why);
         let mut stream = self
             .federation
             .pull_model(PullRequest { round })
@@ -119,23 +229,22 @@ impl Connection {
         let first = stream
             .message()
             .await?
-            .ok_or_else(|| Status::data_loss("empty model stream"))?;
+            .ok_or_else(|| refused("empty model stream".into()))?;
         let Some(model_chunk::Part::Header(header)) = first.part else {
-            return Err(Status::data_loss(
-                "model stream did not start with a header",
-            ));
+            return Err(refused("model stream did not start with a header".into()));
         };
+        check_model_header(&header, limits).map_err(refused)?;
         let mut asm = Assembler::new(Limits {
-            max_tensors: header.tensor_count as usize,
-            max_total_bytes: header.total_bytes,
+            max_tensors: (header.tensor_count as usize).min(limits.max_tensors),
+            max_total_bytes: header.total_bytes.min(limits.max_total_bytes),
             dtype: None,
         });
         while let Some(msg) = stream.message().await? {
             match msg.part {
                 Some(model_chunk::Part::Tensor(c)) => {
-                    asm.push(c).map_err(|e| Status::data_loss(e.to_string()))?
+                    asm.push(c).map_err(|e| refused(e.to_string()))?
                 }
-                _ => return Err(Status::data_loss("unexpected header in model stream")),
+                _ => return Err(refused("unexpected header in model stream".into())),
             }
         }
         let bytes = asm.bytes_received();
@@ -145,7 +254,7 @@ impl Connection {
                 header.total_bytes,
                 &header.digest,
             )
-            .map_err(|e| Status::data_loss(e.to_string()))?;
+            .map_err(|e| refused(e.to_string()))?;
         Ok(PulledModel {
             round: header.round,
             tensors,
@@ -245,5 +354,88 @@ impl Connection {
             pooling: pooling as i32,
         };
         Ok(self.inference.similarity(req).await?.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn header() -> impl Strategy<Value = pb::ModelHeader> {
+        (
+            any::<u64>(),
+            prop_oneof![0u32..10, any::<u32>()],
+            prop_oneof![0u64..5000, any::<u64>()],
+            prop::collection::vec(any::<u8>(), 0..40),
+            prop::collection::vec(("[a-z.]{0,12}", 0usize..300), 0..8),
+        )
+            .prop_map(|(round, tensor_count, total_bytes, digest, files)| {
+                pb::ModelHeader {
+                    round,
+                    tensor_count,
+                    total_bytes,
+                    digest,
+                    files: files
+                        .into_iter()
+                        .map(|(name, n)| pb::ModelFile {
+                            name,
+                            content: vec![7; n],
+                        })
+                        .collect(),
+                }
+            })
+    }
+
+    fn limits() -> impl Strategy<Value = PullLimits> {
+        (0usize..10, 0u64..5000, 0u64..300, 0usize..8).prop_map(
+            |(max_tensors, max_total_bytes, max_file_bytes, max_files)| PullLimits {
+                max_tensors,
+                max_total_bytes,
+                max_file_bytes,
+                max_files,
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any header is accepted exactly when it is within every limit.
+        #[test]
+        fn header_check_refuses_anything_above_the_limits(h in header(), l in limits()) {
+            let within = h.tensor_count as usize <= l.max_tensors
+                && h.total_bytes <= l.max_total_bytes
+                && h.files.len() <= l.max_files
+                && h.files.iter().all(|f| f.content.len() as u64 <= l.max_file_bytes);
+            prop_assert_eq!(check_model_header(&h, &l).is_ok(), within);
+        }
+
+        /// The defaults refuse the huge declarations a hostile coordinator could make.
+        #[test]
+        fn default_limits_refuse_huge_headers(h in header()) {
+            let l = PullLimits::default();
+            if check_model_header(&h, &l).is_ok() {
+                prop_assert!(h.total_bytes <= 8 << 30 && h.tensor_count <= 4096);
+            }
+        }
+    }
+
+    #[test]
+    fn defaults_accept_a_bert_base() {
+        let h = pb::ModelHeader {
+            round: 3,
+            tensor_count: 201,
+            total_bytes: 440_000_000,
+            digest: vec![0; 32],
+            files: vec![pb::ModelFile {
+                name: "tokenizer.json".into(),
+                content: vec![b' '; 700_000],
+            }],
+        };
+        check_model_header(&h, &PullLimits::default()).unwrap();
+        let mut big = h.clone();
+        big.total_bytes = (8 << 30) + 1;
+        assert!(check_model_header(&big, &PullLimits::default()).is_err());
     }
 }

@@ -4,6 +4,7 @@
 pub mod certs;
 pub mod client;
 pub mod convert;
+pub mod listen;
 pub mod tensors;
 pub mod tls;
 

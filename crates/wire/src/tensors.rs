@@ -103,6 +103,10 @@ pub fn chunk_tensors_as(map: &TensorMap, dtype: DType) -> impl Iterator<Item = T
     })
 }
 
+/// Bytes reserved up front for one tensor; beyond this the buffer grows with the data
+/// that actually arrives (the largest tensor of a BERT-base is ~94 MB).
+const MAX_PREALLOC: u64 = 64 << 20;
+
 /// What a receiver accepts.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -255,7 +259,9 @@ impl Assembler {
                 shape: chunk.shape.clone(),
                 dtype,
                 expected,
-                buf: Vec::with_capacity(expected as usize),
+                // Room for what is declared, but at most [`MAX_PREALLOC`] up front: a
+                // stream that declares a huge tensor and sends little costs what it sends.
+                buf: Vec::with_capacity(expected.min(MAX_PREALLOC) as usize),
             });
         }
         let p = self.pending.as_mut().expect("pending tensor");
@@ -521,6 +527,75 @@ mod tests {
                 }
                 if !failed {
                     let _ = a.finish(tensors, bytes, &digest);
+                }
+            }
+
+            /// Whatever arrives, the assembler never holds more than its byte limit, and a
+            /// finished map (were a digest ever to match) stays under it too.
+            #[test]
+            fn reassembly_stays_under_the_byte_limit(
+                chunks in prop::collection::vec(chunk(), 0..16),
+                max_tensors in 0usize..6,
+                max in prop_oneof![0u64..256, any::<u64>()],
+            ) {
+                let limits = Limits { max_tensors, max_total_bytes: max, dtype: None };
+                let mut a = Assembler::new(limits);
+                let mut failed = false;
+                for c in chunks {
+                    failed = a.push(c).is_err();
+                    prop_assert!(a.bytes_received() <= max);
+                    if failed {
+                        break;
+                    }
+                }
+                if !failed {
+                    let bytes = a.bytes_received();
+                    if let Ok(map) = a.finish(0, bytes, &[]) {
+                        // Every element took at least 2 bytes on the wire.
+                        let elems: u64 = map.values().map(|t| t.data.len() as u64).sum();
+                        prop_assert!(elems * 2 <= max && map.len() <= max_tensors);
+                    }
+                }
+            }
+
+            /// Well-formed streams of random tensors: accepted exactly when they fit the
+            /// limits, and never more than the limit held along the way.
+            #[test]
+            fn well_formed_streams_respect_the_limits(
+                shapes in prop::collection::vec(prop::collection::vec(0usize..40, 0..3), 0..5),
+                dtype in prop_oneof![Just(DType::F32), Just(DType::F16), Just(DType::Bf16)],
+                max_tensors in 0usize..6,
+                max in 0u64..20_000,
+            ) {
+                let map: TensorMap = shapes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        let n = s.iter().product::<usize>();
+                        (format!("t{i}"), HostTensor::new(s.clone(), vec![0.5; n]))
+                    })
+                    .collect();
+                let total = total_bytes_as(&map, dtype);
+                let limits = Limits { max_tensors, max_total_bytes: max, dtype: None };
+                let mut a = Assembler::new(limits);
+                let mut result = Ok(());
+                for c in chunk_tensors_as(&map, dtype) {
+                    result = a.push(c);
+                    prop_assert!(a.bytes_received() <= max);
+                    if result.is_err() {
+                        break;
+                    }
+                }
+                let fits = total <= max && map.len() <= max_tensors;
+                match result.and_then(|()| {
+                    a.finish(map.len() as u64, total, &digest_as(&map, dtype))
+                }) {
+                    Ok(got) => {
+                        prop_assert!(fits);
+                        prop_assert!(total_bytes_as(&got, dtype) <= max);
+                        prop_assert_eq!(got.len(), map.len());
+                    }
+                    Err(_) => prop_assert!(!fits),
                 }
             }
 
