@@ -268,3 +268,83 @@ mod tests {
         .unwrap();
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::{HostTensor, validate_update};
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn value() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            any::<f32>(),
+            -1e3f32..1e3,
+            Just(f32::NAN),
+            Just(f32::INFINITY),
+            Just(3e38f32)
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        /// Arbitrary updates (names, shapes, values, sample claims) are accepted or refused,
+        /// never a panic; whatever is accepted enters the aggregate with a weight and scale
+        /// inside every bound.
+        #[test]
+        fn arbitrary_rounds_stay_bounded(
+            updates in proptest::collection::vec(
+                (proptest::collection::vec(value(), 0..6), 0u64..u64::MAX, 0u64..1000, any::<bool>()),
+                1..8,
+            ),
+        ) {
+            let rules = UpdateRules::default();
+            let expected = BTreeMap::from([("w".to_string(), vec![4usize])]);
+            let mut stats = Vec::new();
+            for (data, claim, declared, rename) in &updates {
+                let name = if *rename { "v" } else { "w" };
+                let map = TensorMap::from([(
+                    name.to_string(),
+                    HostTensor::new(vec![data.len()], data.clone()),
+                )]);
+                if let Ok(scale) = validate_update(&map, &expected, *claim, &rules) {
+                    prop_assert!(data.len() == 4 && data.iter().all(|x| x.is_finite()));
+                    prop_assert!(*claim >= 1 && *claim <= rules.max_samples);
+                    stats.push(UpdateStats {
+                        num_samples: *claim,
+                        declared: *declared,
+                        norm: crate::l2_norm(&map),
+                        scale,
+                    });
+                }
+            }
+            let inf = bound_influence(&stats, &rules);
+            prop_assert_eq!(inf.len(), stats.len());
+            let mut weights: Vec<f64> = stats
+                .iter()
+                .map(|s| {
+                    let w = if s.declared > 0 { s.num_samples.min(s.declared) } else { s.num_samples };
+                    w.min(rules.max_weight) as f64
+                })
+                .collect();
+            weights.sort_by(f64::total_cmp);
+            let mut norms: Vec<f64> = stats.iter().map(|s| s.norm * s.scale).collect();
+            norms.sort_by(f64::total_cmp);
+            for (s, i) in stats.iter().zip(&inf) {
+                prop_assert!(i.weight >= 0.0 && i.weight <= s.num_samples as f64);
+                prop_assert!(i.weight <= rules.max_weight as f64);
+                if s.declared > 0 {
+                    prop_assert!(i.weight <= s.declared as f64);
+                }
+                let med_w = weights[(weights.len() - 1) / 2];
+                prop_assert!(i.weight <= rules.max_weight_ratio * med_w + 1e-9);
+                prop_assert!(i.scale >= 0.0 && i.scale <= 1.0);
+                let med_n = norms[(norms.len() - 1) / 2];
+                if med_n > 0.0 {
+                    prop_assert!(s.norm * i.scale <= rules.norm_multiplier * med_n * (1.0 + 1e-9));
+                }
+            }
+        }
+    }
+}
