@@ -9,9 +9,12 @@ use fedmicse_coordinator::config::{
     EvalConfig, FederationConfig, InferenceConfig, ServerConfig, TlsConfig,
 };
 use fedmicse_coordinator::{Coordinator, CoordinatorConfig, Running};
+use fedmicse_encoder::TensorMap;
 use fedmicse_encoder::{BertConfig, BertModel, Encoder, TextTokenizer};
 use fedmicse_federation::{TaskConfig, UpdateRules};
 use fedmicse_wire::client::{Connection, Target};
+use fedmicse_wire::pb::{UpdateChunk, UpdateHeader, update_chunk};
+use fedmicse_wire::tensors::chunk_tensors;
 use fedmicse_wire::{TlsFiles, certs, pb};
 
 /// A randomly initialised BERT with MiniLM's tokenizer, saved as a HuggingFace directory.
@@ -71,6 +74,7 @@ pub fn coordinator_config(
             server_lr: 1.0,
             agent_timeout_secs: 120,
             poll_ms: 100,
+            restart_grace_ms: None,
             keep_checkpoints: 10,
             seed: 1,
             device: "cpu".into(),
@@ -157,4 +161,102 @@ pub fn metrics() -> pb::LocalMetrics {
 
 pub fn arc<T>(t: T) -> Arc<T> {
     Arc::new(t)
+}
+
+pub fn raw_client(
+    addr: std::net::SocketAddr,
+    certs: &Path,
+    id: &str,
+) -> pb::federation_client::FederationClient<tonic::transport::Channel> {
+    let tls = fedmicse_wire::TlsFiles::in_dir(certs, id)
+        .client_config("localhost")
+        .unwrap();
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", addr.port()))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect_lazy();
+    pb::federation_client::FederationClient::new(channel)
+        .max_decoding_message_size(fedmicse_wire::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(fedmicse_wire::MAX_MESSAGE_BYTES)
+}
+
+/// An upload whose messages the test sends one by one (and may stop sending).
+/// Started by [`held_upload`]; give it a moment (the tests wait 500 ms) to reach the
+/// coordinator.
+pub struct HeldUpload {
+    tx: tokio::sync::mpsc::Sender<UpdateChunk>,
+    call: tokio::task::JoinHandle<Result<pb::SubmitResponse, tonic::Status>>,
+}
+
+pub fn held_upload(
+    addr: std::net::SocketAddr,
+    certs: &Path,
+    id: &str,
+    header: UpdateHeader,
+) -> HeldUpload {
+    let (tx, rx) = tokio::sync::mpsc::channel::<UpdateChunk>(64);
+    let mut client = raw_client(addr, certs, id);
+    tx.try_send(UpdateChunk {
+        part: Some(update_chunk::Part::Header(header)),
+    })
+    .unwrap();
+    let call = tokio::spawn(async move {
+        // Connected (TLS done) before the upload starts, so its header arrives at once.
+        client.status(pb::StatusRequest {}).await.unwrap();
+        client
+            .submit_update(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map(|r| r.into_inner())
+    });
+    HeldUpload { tx, call }
+}
+
+impl HeldUpload {
+    /// Sends the tensors (all, or the first `limit` chunks).
+    pub async fn send(&mut self, delta: &TensorMap, skip: usize, limit: usize) {
+        for c in chunk_tensors(delta).skip(skip).take(limit) {
+            let sent = self
+                .tx
+                .send(UpdateChunk {
+                    part: Some(update_chunk::Part::Tensor(c)),
+                })
+                .await;
+            if sent.is_err() {
+                panic!("the upload ended early: {:?}", (&mut self.call).await);
+            }
+        }
+    }
+
+    pub async fn finish(self) -> Result<pb::SubmitResponse, tonic::Status> {
+        drop(self.tx);
+        self.call.await.unwrap()
+    }
+}
+
+/// Writes a coordinator config file for the `fedmicse coordinator` process.
+pub fn write_config(path: &std::path::Path, config: &fedmicse_coordinator::CoordinatorConfig) {
+    std::fs::write(path, toml::to_string(config).unwrap()).unwrap();
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub async fn wait_phase(conn: &mut Connection, phase: pb::Phase, round: u64) {
+    for _ in 0..600 {
+        if let Ok(s) = conn.status().await
+            && s.phase == phase as i32
+            && s.round == round
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("coordinator never reached {phase:?} of round {round}");
 }

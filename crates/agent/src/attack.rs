@@ -234,14 +234,14 @@ async fn stall(target: &Target, header: UpdateHeader) -> Status {
     match result {
         Ok(r) => {
             let r = r.into_inner();
-            tracing::warn!(held_s = held, message = %r.message, "hostile: stalled upload answered");
+            tracing::warn!(held_s = held, reply = %r.message, "hostile: stalled upload answered");
             Status::aborted(format!(
                 "stalled upload answered after {held:.0} s: {}",
                 r.message
             ))
         }
         Err(s) => {
-            tracing::warn!(held_s = held, code = ?s.code(), message = %s.message(), "hostile: stalled upload closed by the coordinator");
+            tracing::warn!(held_s = held, code = ?s.code(), reason = %s.message(), "hostile: stalled upload closed by the coordinator");
             // Not a permanent error for the agent loop: it retries while the round is open.
             Status::aborted(format!(
                 "stalled upload closed after {held:.0} s: {}",

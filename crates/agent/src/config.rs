@@ -102,7 +102,8 @@ pub struct DataConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
-    /// First wait after a failed call; doubles up to `max_ms`.
+    /// First wait after a failed call; doubles up to `max_ms`, with jitter (each wait is
+    /// 50-100 % of the step). Reset once an update is delivered, not by a poll alone.
     pub initial_ms: u64,
     pub max_ms: u64,
 }

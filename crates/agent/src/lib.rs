@@ -57,11 +57,76 @@ pub struct Agent {
     pull_limits: fedmicse_wire::client::PullLimits,
 }
 
-fn permanent(code: Code) -> bool {
-    matches!(
-        code,
-        Code::PermissionDenied | Code::Unauthenticated | Code::Unimplemented
-    )
+/// How a round attempt went wrong, and what the agent does about it.
+#[derive(Debug)]
+enum RoundError {
+    /// The coordinator refuses this agent (revoked, not on the allowlist, bad certificate):
+    /// the agent stops.
+    Permanent(String),
+    /// The update was refused for what it holds: resending it cannot help, so it is dropped
+    /// and the agent waits for its next round.
+    UpdateRefused(String),
+    /// Not now (not selected, the round closed or moved on): wait for the next round.
+    NotNow(String),
+    /// Anything else (network, coordinator busy or restarting, a download cut short):
+    /// retried after a backoff while the round is open.
+    Temporary(String),
+}
+
+impl From<tonic::Status> for RoundError {
+    fn from(s: tonic::Status) -> Self {
+        let msg = s.message().to_string();
+        match s.code() {
+            Code::PermissionDenied | Code::Unauthenticated | Code::Unimplemented => {
+                RoundError::Permanent(msg)
+            }
+            Code::InvalidArgument => RoundError::UpdateRefused(msg),
+            Code::FailedPrecondition => RoundError::NotNow(msg),
+            _ => RoundError::Temporary(msg),
+        }
+    }
+}
+
+/// Capped exponential backoff with jitter. Reset only by progress (an update delivered),
+/// not by a Join alone, so a coordinator that answers Join but cannot take updates is not
+/// hammered.
+struct Backoff {
+    next: Duration,
+    initial: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(retry: &config::RetryConfig) -> Self {
+        let initial = Duration::from_millis(retry.initial_ms.max(1));
+        Backoff {
+            next: initial,
+            initial,
+            max: Duration::from_millis(retry.max_ms.max(retry.initial_ms.max(1))),
+        }
+    }
+
+    /// The next wait: half the current step plus a random share of the other half (agents
+    /// that failed together do not retry together), then the step doubles up to the cap.
+    fn next_wait(&mut self) -> Duration {
+        let step = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let half = step / 2;
+        half + half.mul_f64(rand::random::<f64>())
+    }
+
+    fn reset(&mut self) {
+        self.next = self.initial;
+    }
+}
+
+/// Aborts a background task when dropped (the heartbeat of a round).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Agent {
@@ -131,49 +196,62 @@ impl Agent {
             client_id: self.name.clone(),
             ..Default::default()
         };
-        let mut backoff = Duration::from_millis(self.retry.initial_ms);
-        let max_backoff = Duration::from_millis(self.retry.max_ms);
+        let mut backoff = Backoff::new(&self.retry);
         let mut pending: Option<Pending> = None;
         loop {
             if *stop.borrow() {
                 return Ok(report);
             }
             let wait = match conn.join(self.join_shard_size()).await {
-                Err(status) if permanent(status.code()) => {
-                    return Err(format!("coordinator refused us: {}", status.message()));
-                }
-                Err(status) => {
-                    tracing::warn!(agent = %self.name, error = %status.message(), retry_in_ms = backoff.as_millis() as u64, "coordinator unreachable");
-                    let w = backoff;
-                    backoff = (backoff * 2).min(max_backoff);
-                    w
-                }
+                Err(status) => match RoundError::from(status) {
+                    RoundError::Permanent(why) => {
+                        return Err(format!("coordinator refused us: {why}"));
+                    }
+                    e => {
+                        let w = backoff.next_wait();
+                        tracing::warn!(agent = %self.name, error = ?e, retry_in_ms = w.as_millis() as u64, "coordinator unreachable");
+                        w
+                    }
+                },
                 Ok(resp) => {
-                    backoff = Duration::from_millis(self.retry.initial_ms);
                     report.client_id = resp.client_id.clone();
+                    let poll = Duration::from_millis(resp.poll_after_ms.max(50) as u64);
                     match pb::Phase::try_from(resp.phase).unwrap_or(pb::Phase::Unspecified) {
                         pb::Phase::Done => {
                             tracing::info!(agent = %report.client_id, rounds = ?report.rounds_trained, "federation finished");
                             return Ok(report);
                         }
                         pb::Phase::Training if resp.selected => {
-                            if let Err(e) = self
+                            match self
                                 .round(&mut conn, &resp, &mut pending, &mut report)
                                 .await
                             {
-                                if let Some(code) = e.1
-                                    && permanent(code)
-                                {
-                                    return Err(e.0);
+                                Ok(()) => {
+                                    backoff.reset();
+                                    Duration::ZERO
                                 }
-                                self.metrics.failures.inc();
-                                tracing::warn!(agent = %report.client_id, round = resp.round, error = %e.0, "round failed; will retry while it is open");
-                                backoff
-                            } else {
-                                Duration::ZERO
+                                Err(RoundError::Permanent(why)) => {
+                                    return Err(format!("coordinator refused us: {why}"));
+                                }
+                                Err(RoundError::UpdateRefused(why)) => {
+                                    self.metrics.failures.inc();
+                                    tracing::error!(agent = %report.client_id, round = resp.round, reason = %why, "the coordinator refused this update; it is dropped and the agent waits for its next round");
+                                    pending.take();
+                                    poll
+                                }
+                                Err(RoundError::NotNow(why)) => {
+                                    tracing::info!(agent = %report.client_id, round = resp.round, reason = %why, "not taken in this round; waiting for the next");
+                                    poll
+                                }
+                                Err(RoundError::Temporary(why)) => {
+                                    self.metrics.failures.inc();
+                                    let w = backoff.next_wait();
+                                    tracing::warn!(agent = %report.client_id, round = resp.round, error = %why, retry_in_ms = w.as_millis() as u64, "round failed; will retry while it is open");
+                                    w
+                                }
                             }
                         }
-                        _ => Duration::from_millis(resp.poll_after_ms.max(50) as u64),
+                        _ => poll,
                     }
                 }
             };
@@ -191,8 +269,23 @@ impl Agent {
         resp: &pb::JoinResponse,
         pending: &mut Option<Pending>,
         report: &mut AgentReport,
-    ) -> Result<(), (String, Option<Code>)> {
-        let status_err = |s: tonic::Status| (s.message().to_string(), Some(s.code()));
+    ) -> Result<(), RoundError> {
+        // Heartbeat: while this agent pulls, trains and uploads, it tells the coordinator it
+        // is alive, so a dead agent is told apart from a slow one within a few polls.
+        let _heartbeat = {
+            let mut hb = conn.clone();
+            let shard_size = self.join_shard_size();
+            let every = Duration::from_millis(resp.poll_after_ms.max(100) as u64);
+            AbortOnDrop(
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(every).await;
+                        let _ = hb.join(shard_size).await;
+                    }
+                })
+                .abort_handle(),
+            )
+        };
         let task = resp
             .task
             .as_ref()
@@ -207,7 +300,7 @@ impl Agent {
                 .pull_with(resp.round, &self.pull_limits)
                 .await
                 .map_err(|e| match e {
-                    PullError::Status(s) => status_err(s),
+                    PullError::Status(s) => RoundError::from(s),
                     // Beyond this agent's limits, or not what its own header declared.
                     PullError::Refused(why) => refuse(&report.client_id, resp.round, "model", why),
                 })?;
@@ -226,7 +319,7 @@ impl Agent {
                     g.clone()
                         .acquire_owned()
                         .await
-                        .map_err(|e| (e.to_string(), None))?,
+                        .map_err(|e| RoundError::Temporary(e.to_string()))?,
                 ),
                 None => None,
             };
@@ -234,8 +327,8 @@ impl Agent {
                 train_round(pulled, &shard, &task2, seed, &device)
             })
             .await
-            .map_err(|e| (e.to_string(), None))?
-            .map_err(|e| (e, None))?;
+            .map_err(|e| RoundError::Temporary(e.to_string()))?
+            .map_err(RoundError::Temporary)?;
             tracing::info!(agent = %report.client_id, round = resp.round, steps = metrics.steps, mean_loss = metrics.mean_loss, seconds = format!("{:.1}", metrics.seconds), "trained locally");
             self.metrics.steps.inc_by(metrics.steps as u64);
             self.metrics.loss.set(metrics.mean_loss);
@@ -267,17 +360,15 @@ impl Agent {
             &p.delta,
             p.dtype,
         )
-        .await
-        .map_err(status_err)?;
+        .await?;
         let r = conn
             .submit_as(p.round, num_samples, p.metrics, delta, p.dtype)
-            .await
-            .map_err(status_err)?;
+            .await?;
         report.bytes_up += bytes;
         report.rounds_trained.push(p.round);
         self.metrics.bytes_up.inc_by(bytes);
         self.metrics.rounds.inc();
-        tracing::info!(agent = %report.client_id, round = p.round, bytes, message = %r.message, "update sent");
+        tracing::info!(agent = %report.client_id, round = p.round, bytes, reply = %r.message, "update sent");
         *pending = None;
         Ok(())
     }
@@ -285,9 +376,9 @@ impl Agent {
 
 /// A task or model the agent will not train on: logged as an error with the reason; the
 /// round fails (counted in `failures`, retried after a backoff while it is open).
-fn refuse(agent: &str, round: u64, what: &str, reason: String) -> (String, Option<Code>) {
+fn refuse(agent: &str, round: u64, what: &str, reason: String) -> RoundError {
     tracing::error!(agent, round, refused = what, %reason, "refusing what the coordinator sent");
-    (format!("refused the {what}: {reason}"), None)
+    RoundError::Temporary(format!("refused the {what}: {reason}"))
 }
 
 /// The pulled model must be the one the Join answer announced: the global model the open
@@ -352,4 +443,56 @@ fn train_round(
         .map_err(|e| e.to_string())?;
     let (trained, metrics) = local::train_locally(&encoder, head, shard, task, seed)?;
     Ok((delta(&trained, &global, &names), metrics))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap_and_resets_only_on_progress() {
+        let mut b = Backoff::new(&config::RetryConfig {
+            initial_ms: 100,
+            max_ms: 1000,
+        });
+        let steps = [100u64, 200, 400, 800, 1000, 1000];
+        for step in steps {
+            let w = b.next_wait().as_millis() as u64;
+            assert!((step / 2..=step).contains(&w), "{w} ms for step {step}");
+        }
+        b.reset();
+        assert!(b.next_wait() <= Duration::from_millis(100));
+        // Jitter: agents that failed together do not all retry at the same instant.
+        let waits: std::collections::BTreeSet<u128> = (0..20)
+            .map(|_| {
+                b.reset();
+                b.next_wait().as_micros()
+            })
+            .collect();
+        assert!(waits.len() > 10, "{waits:?}");
+    }
+
+    #[test]
+    fn status_codes_map_to_what_the_agent_does() {
+        use tonic::Status;
+        let kind = |s: Status| match RoundError::from(s) {
+            RoundError::Permanent(_) => "stop",
+            RoundError::UpdateRefused(_) => "drop the update",
+            RoundError::NotNow(_) => "wait for the next round",
+            RoundError::Temporary(_) => "retry with backoff",
+        };
+        assert_eq!(kind(Status::permission_denied("revoked")), "stop");
+        assert_eq!(kind(Status::unauthenticated("no cert")), "stop");
+        assert_eq!(
+            kind(Status::failed_precondition("not selected")),
+            "wait for the next round"
+        );
+        assert_eq!(kind(Status::invalid_argument("nan")), "drop the update");
+        assert_eq!(kind(Status::unavailable("disk full")), "retry with backoff");
+        assert_eq!(
+            kind(Status::resource_exhausted("busy")),
+            "retry with backoff"
+        );
+        assert_eq!(kind(Status::data_loss("digest")), "retry with backoff");
+    }
 }

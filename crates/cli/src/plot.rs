@@ -260,6 +260,7 @@ mod tests {
             refused: Default::default(),
             bounded: 0,
             step_ratio: None,
+            digest: None,
         }
     }
 

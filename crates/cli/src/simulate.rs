@@ -474,8 +474,9 @@ pub fn run_simulate(cmd: SimulateCmd) -> Result<()> {
             fraction: c.federation.fraction,
             round_deadline_secs: c.federation.round_deadline_secs,
             server_lr: c.federation.server_lr,
-            agent_timeout_secs: 120,
+            agent_timeout_secs: 15,
             poll_ms: 200,
+            restart_grace_ms: None,
             keep_checkpoints: (c.rounds as usize + 1).max(1),
             seed: c.seed,
             device: c.device.clone(),
@@ -734,6 +735,7 @@ mod tests {
             refused: Default::default(),
             bounded: 0,
             step_ratio: None,
+            digest: None,
         }];
         let rules = UpdateRules::none();
         let log = RunLog {

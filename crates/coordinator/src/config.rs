@@ -177,12 +177,19 @@ pub struct FederationConfig {
     /// Server learning rate η in W ← W + η·mean(Δ); 1 is plain FedAvg.
     #[serde(default = "d_one")]
     pub server_lr: f64,
-    /// An agent not heard from for this long is not selected.
+    /// An agent not heard from for this long is gone: it is not selected, and an open round
+    /// stops waiting for it. Agents poll every `poll_ms` while waiting and send a heartbeat
+    /// as often while they train, so this is a few poll intervals.
     #[serde(default = "d_agent_timeout")]
     pub agent_timeout_secs: u64,
     /// How often agents are told to poll while waiting (milliseconds).
     #[serde(default = "d_poll")]
     pub poll_ms: u32,
+    /// After a restart, how long the interrupted round waits for the agents selected for it
+    /// before it reopens without them (milliseconds; default 5 × poll_ms). They are taken
+    /// back whenever they return while it is open.
+    #[serde(default)]
+    pub restart_grace_ms: Option<u64>,
     /// Round checkpoints kept (older ones are deleted; the newest is always kept).
     #[serde(default = "d_keep")]
     pub keep_checkpoints: usize,
@@ -216,7 +223,16 @@ fn d_one() -> f64 {
     1.0
 }
 fn d_agent_timeout() -> u64 {
-    120
+    10
+}
+
+impl FederationConfig {
+    /// How long a restarted coordinator waits for the interrupted round's agents.
+    pub fn restart_grace(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.restart_grace_ms.unwrap_or(5 * u64::from(self.poll_ms)),
+        )
+    }
 }
 fn d_poll() -> u32 {
     1000
@@ -338,6 +354,30 @@ impl CoordinatorConfig {
         if f.round_deadline_secs == 0 {
             return Err("federation.round_deadline_secs must be positive".into());
         }
+        // Configurations that could never run a round.
+        if !f.allowlist.is_empty() && f.min_clients > f.allowlist.len() {
+            return Err(format!(
+                "federation.min_clients = {} but the allowlist names only {} agent(s): no round could ever open",
+                f.min_clients,
+                f.allowlist.len()
+            ));
+        }
+        if f.poll_ms == 0 {
+            return Err("federation.poll_ms must be at least 1".into());
+        }
+        let poll_ms = u64::from(f.poll_ms);
+        if f.round_deadline_secs.saturating_mul(1000) < 2 * poll_ms {
+            return Err(format!(
+                "federation.round_deadline_secs = {} is shorter than two poll intervals (poll_ms = {}): agents could not even learn that a round is open",
+                f.round_deadline_secs, f.poll_ms
+            ));
+        }
+        if f.agent_timeout_secs.saturating_mul(1000) < 3 * poll_ms {
+            return Err(format!(
+                "federation.agent_timeout_secs = {} is shorter than three poll intervals (poll_ms = {}): live agents would count as gone between two polls",
+                f.agent_timeout_secs, f.poll_ms
+            ));
+        }
         if f.max_concurrent_uploads == 0 || f.max_concurrent_downloads == 0 {
             return Err(
                 "federation.max_concurrent_uploads and max_concurrent_downloads must be at least 1"
@@ -420,7 +460,7 @@ key = "c/coordinator.key"
 [federation]
 model = "m"
 state_dir = "s"
-allowlist = ["a"]
+allowlist = ["a", "b"]
 "#;
 
     #[test]

@@ -13,7 +13,7 @@ pub mod rounds;
 mod service;
 pub mod store;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -165,6 +165,23 @@ impl Coordinator {
             ));
         }
         let next = global.round + 1;
+        // Who was selected for the interrupted round: it waits a grace period for them to
+        // come back before reopening, and takes them back whenever they return.
+        let selected_before = if fresh {
+            Default::default()
+        } else {
+            pending.load_selected(next)
+        };
+        let grace_until = (!selected_before.is_empty())
+            .then(|| Instant::now() + config.federation.restart_grace());
+        if !selected_before.is_empty() {
+            tracing::info!(
+                round = next,
+                selected = ?selected_before,
+                grace_ms = config.federation.restart_grace().as_millis() as u64,
+                "waiting for the agents selected before the restart"
+            );
+        }
         let phase = if global.round >= config.federation.rounds {
             Phase::Done
         } else {
@@ -187,6 +204,8 @@ impl Coordinator {
                 abandoned_rounds: 0,
                 closed: None,
                 recovered,
+                selected_before,
+                grace_until,
             }),
             global: ArcSwap::from_pointee(global),
             serving: ArcSwap::from_pointee(None),
@@ -225,6 +244,7 @@ impl Coordinator {
                 refused: BTreeMap::new(),
                 bounded: 0,
                 step_ratio: None,
+                digest: None,
             };
             shared
                 .store
@@ -411,24 +431,44 @@ async fn drive(shared: Arc<Shared>) {
     let f = shared.config.federation.clone();
     let timeout = Duration::from_secs(f.agent_timeout_secs);
     let revoked = |id: &str, serial: &str| shared.revocations.is_revoked(id, serial);
+    let allowed = |id: &str| f.allowlist.is_empty() || f.allowlist.iter().any(|a| a == id);
+    // After a failed commit (a full disk, say): how long to wait before trying again.
+    let mut commit_backoff = Duration::ZERO;
     loop {
         let action = {
             let mut guard = shared.lock();
             let st: &mut State = &mut guard;
             let connected = st.connected(timeout, revoked);
+            // After a restart, the round reopens once everyone selected before is back or
+            // the grace period is over, whichever comes first.
+            let in_grace = st.grace_until.is_some_and(|t| Instant::now() < t)
+                && !st.selected_before.iter().all(|id| connected.contains(id));
             match &mut st.phase {
                 Phase::Done => return,
-                Phase::Waiting { next } if connected.len() >= f.min_clients => {
+                Phase::Waiting { next } if connected.len() >= f.min_clients && !in_grace => {
                     let round = *next;
                     let mut selected =
                         rounds::select(&connected, f.fraction, f.min_clients, f.seed, round);
+                    st.grace_until = None;
+                    let selected_before: BTreeSet<String> = std::mem::take(&mut st.selected_before)
+                        .into_iter()
+                        .filter(|id| {
+                            let serial = st.agents.get(id).map_or("", |a| a.serial.as_str());
+                            allowed(id) && !revoked(id, serial)
+                        })
+                        .collect();
+                    selected.extend(
+                        selected_before
+                            .iter()
+                            .filter(|id| connected.contains(id))
+                            .cloned(),
+                    );
                     // Updates accepted before a restart (or an abandoned attempt) count;
                     // their senders are selected — unless no longer allowed or revoked.
                     let recovered: Vec<pending::Stored> = std::mem::take(&mut st.recovered)
                         .into_iter()
                         .filter(|r| {
-                            let ok = (f.allowlist.is_empty() || f.allowlist.contains(&r.client))
-                                && !revoked(&r.client, &r.serial);
+                            let ok = allowed(&r.client) && !revoked(&r.client, &r.serial);
                             if !ok {
                                 tracing::warn!(client = %r.client, "recovered update dropped: the agent is no longer allowed");
                                 shared.pending.discard(&r.path);
@@ -448,9 +488,15 @@ async fn drive(shared: Arc<Shared>) {
                             .collect();
                     let deadline = Duration::from_secs(f.round_deadline_secs);
                     tracing::info!(round, selected = ?selected, connected = connected.len(), "round opened");
+                    // Kept on disk, so a restart reopens the round for the same agents.
+                    shared
+                        .pending
+                        .save_selected(round, &selected.union(&selected_before).cloned().collect());
                     st.phase = Phase::Training(Box::new(OpenRound {
                         round,
                         selected,
+                        failed: Default::default(),
+                        selected_before,
                         submitted: recovered
                             .into_iter()
                             .map(|r| (r.client.clone(), r))
@@ -486,6 +532,50 @@ async fn drive(shared: Arc<Shared>) {
                             shared.pending.discard(&u.path);
                         }
                         tracing::warn!(client = %id, round = open.round, "revoked agent dropped from the round");
+                    }
+                    // Liveness: agents send a heartbeat while they train; a selected agent
+                    // silent for the agent timeout is gone, and the round stops waiting.
+                    let silent: Vec<String> = open
+                        .selected
+                        .iter()
+                        .filter(|id| {
+                            open.awaits(id)
+                                && st
+                                    .agents
+                                    .get(*id)
+                                    .is_none_or(|a| a.last_seen.elapsed() > timeout)
+                        })
+                        .cloned()
+                        .collect();
+                    for id in silent {
+                        open.drop_agent(&id);
+                        shared.metrics.agents_dropped.inc();
+                        tracing::warn!(client = %id, round = open.round, timeout_secs = timeout.as_secs(), "agent silent past the agent timeout: dropped from the round");
+                    }
+                    // Slots of dropped agents go to connected agents the round has not
+                    // selected, so a round can still reach min_clients without waiting for
+                    // its deadline.
+                    let live = open.selected.len().saturating_sub(open.failed.len());
+                    if live < f.min_clients {
+                        let candidates: Vec<String> = connected
+                            .iter()
+                            .filter(|id| !open.selected.contains(*id))
+                            .cloned()
+                            .collect();
+                        let need = f.min_clients - live;
+                        let added = rounds::select(&candidates, 0.0, need, f.seed, open.round);
+                        if !added.is_empty() {
+                            for id in added {
+                                tracing::info!(client = %id, round = open.round, "agent selected in place of a dropped one");
+                                open.selected.insert(id);
+                            }
+                            let all = open
+                                .selected
+                                .union(&open.selected_before)
+                                .cloned()
+                                .collect();
+                            shared.pending.save_selected(open.round, &all);
+                        }
                     }
                     let answered = open.submitted.len();
                     let complete = open.is_complete() && answered >= f.min_clients;
@@ -537,8 +627,11 @@ async fn drive(shared: Arc<Shared>) {
                 (r, open)
             })
             .await;
-            match result {
-                Ok((Ok(Commit::Committed), _)) => {}
+            let failure = match result {
+                Ok((Ok(Commit::Committed), _)) => {
+                    commit_backoff = Duration::ZERO;
+                    None
+                }
                 Ok((Ok(Commit::Refused(why)), open)) => {
                     // The aggregate would have broken the model: it is not committed, the
                     // previous model stays served, and the round is retried with fresh
@@ -556,9 +649,17 @@ async fn drive(shared: Arc<Shared>) {
                     if let Phase::Aggregating { round } = st.phase {
                         st.phase = Phase::Waiting { next: round };
                     }
+                    None
                 }
-                Ok((Err(e), open)) => commit_failed(&shared, e, Some(open)),
-                Err(e) => commit_failed(&shared, e.to_string(), None),
+                Ok((Err(e), open)) => Some((e, Some(open))),
+                Err(e) => Some((e.to_string(), None)),
+            };
+            if let Some((e, open)) = failure {
+                // Capped exponential backoff: a full disk is not fixed by retrying at once.
+                commit_backoff = (commit_backoff * 2).clamp(COMMIT_BACKOFF_MIN, COMMIT_BACKOFF_MAX);
+                shared.metrics.commit_failures.inc();
+                commit_failed(&shared, e, open, commit_backoff);
+                tokio::time::sleep(commit_backoff).await;
             }
             continue;
         }
@@ -569,10 +670,13 @@ async fn drive(shared: Arc<Shared>) {
     }
 }
 
+const COMMIT_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const COMMIT_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
 /// Nothing was committed: the previous global model stands. The stored updates stay on
-/// disk and count again when the round reopens.
-fn commit_failed(shared: &Shared, e: String, open: Option<Box<OpenRound>>) {
-    tracing::error!(error = %e, "commit failed; the round will be retried");
+/// disk and count again when the round reopens (after `retry_in`).
+fn commit_failed(shared: &Shared, e: String, open: Option<Box<OpenRound>>, retry_in: Duration) {
+    tracing::error!(error = %e, retry_in_secs = retry_in.as_secs(), "commit failed; the round will be retried");
     let mut st = shared.lock();
     if let Phase::Aggregating { round } = st.phase {
         st.phase = Phase::Waiting { next: round };

@@ -43,6 +43,8 @@ pub struct Metrics {
     dev_spearman: Gauge<f64, AtomicU64>,
     abandoned: Gauge,
     pub rounds_refused: Counter,
+    pub commit_failures: Counter,
+    pub agents_dropped: Counter,
     connections_refused: Family<ReasonLabel, Gauge>,
     pub requests: Family<RequestLabel, Counter>,
     pub latency: Histogram,
@@ -65,6 +67,8 @@ impl Metrics {
             dev_spearman: Gauge::default(),
             abandoned: Gauge::default(),
             rounds_refused: Counter::default(),
+            commit_failures: Counter::default(),
+            agents_dropped: Counter::default(),
             connections_refused: Family::default(),
             requests: Family::default(),
             latency: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
@@ -130,6 +134,16 @@ impl Metrics {
             "rounds_refused",
             "Aggregates not committed because the new model failed its checks",
             m.rounds_refused.clone(),
+        );
+        registry.register(
+            "commit_failures",
+            "Commits that failed (e.g. a full disk); retried with a capped exponential backoff",
+            m.commit_failures.clone(),
+        );
+        registry.register(
+            "agents_dropped",
+            "Selected agents dropped from an open round: silent past the agent timeout, or stalled",
+            m.agents_dropped.clone(),
         );
         registry.register(
             "connections_closed",

@@ -2,7 +2,7 @@
 //! coordinator killed mid-round counts them again after a restart instead of losing them,
 //! and aggregation streams them slice by slice, whatever the number of agents.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use fedmicse_encoder::TensorMap;
@@ -41,6 +41,8 @@ impl Stored {
 
 /// Suffix of an update being written, before it is accepted.
 const PARTIAL: &str = "partial";
+/// The selection of a round, kept beside its updates.
+const SELECTED: &str = "selected.json";
 
 pub struct Pending {
     dir: PathBuf,
@@ -127,6 +129,29 @@ impl Pending {
             let _ = d.sync_all();
         }
         Ok(path)
+    }
+
+    /// Records who was selected for `round`, so that after a restart the round reopens for
+    /// them (their training is not wasted). Best effort: a failure is logged.
+    pub fn save_selected(&self, round: u64, selected: &BTreeSet<String>) {
+        let dir = self.round_dir(round);
+        let result = std::fs::create_dir_all(&dir)
+            .map_err(|e| e.to_string())
+            .and_then(|_| {
+                let json = serde_json::to_vec(selected).expect("json");
+                write_atomic(&dir.join(SELECTED), &json).map_err(|e| e.to_string())
+            });
+        if let Err(e) = result {
+            tracing::warn!(round, error = %e, "could not record the round's selection");
+        }
+    }
+
+    /// Who was selected for `round` before a restart (empty when not recorded).
+    pub fn load_selected(&self, round: u64) -> BTreeSet<String> {
+        std::fs::read(self.round_dir(round).join(SELECTED))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
     }
 
     /// Removes a spooled or accepted update file.

@@ -23,6 +23,12 @@ pub struct AgentSeen {
 pub struct OpenRound {
     pub round: u64,
     pub selected: BTreeSet<String>,
+    /// Selected agents whose update was refused for its content: resending it cannot
+    /// succeed, so the round no longer waits for them (a corrected update is still taken).
+    pub failed: BTreeSet<String>,
+    /// Agents selected for this round before a coordinator restart: taken back into the
+    /// round when they return, so their training is not wasted.
+    pub selected_before: BTreeSet<String>,
     /// Accepted updates by client id, stored on disk (a retry with the same digest is a
     /// no-op).
     pub submitted: BTreeMap<String, Stored>,
@@ -37,17 +43,33 @@ pub struct OpenRound {
 }
 
 impl OpenRound {
-    /// Every selected agent answered (agents dropped from the round no longer count).
+    /// Every selected agent answered, with an update or a refused one (agents dropped
+    /// from the round no longer count).
     pub fn is_complete(&self) -> bool {
         self.selected
             .iter()
-            .all(|id| self.submitted.contains_key(id))
+            .all(|id| self.submitted.contains_key(id) || self.failed.contains(id))
+    }
+
+    /// Whether the round still expects an update from `id`.
+    pub fn awaits(&self, id: &str) -> bool {
+        self.selected.contains(id) && !self.submitted.contains_key(id) && !self.failed.contains(id)
+    }
+
+    /// Takes an agent selected before a restart back into the round. True if it may send.
+    pub fn readmit(&mut self, id: &str) -> bool {
+        if !self.selected.contains(id) && self.selected_before.contains(id) {
+            self.selected.insert(id.to_string());
+            tracing::info!(client = %id, round = self.round, "agent selected before the restart rejoined its round");
+        }
+        self.selected.contains(id)
     }
 
     /// Takes an agent out of the round (a stalled upload, a revoked certificate): the round
     /// no longer waits for it. Returns its accepted update, if it had one.
     pub fn drop_agent(&mut self, id: &str) -> Option<Stored> {
         self.selected.remove(id);
+        self.failed.remove(id);
         self.submitted.remove(id)
     }
 
@@ -71,6 +93,7 @@ impl OpenRound {
             refused: self.refused.clone(),
             bounded: 0,
             step_ratio: None,
+            digest: None,
         }
     }
 }
@@ -98,6 +121,10 @@ pub struct State {
     pub closed: Option<(u64, BTreeMap<String, Vec<u8>>)>,
     /// Updates recovered from disk after a restart, counted when their round reopens.
     pub recovered: Vec<Stored>,
+    /// Agents selected for the next round before a restart: it waits for them until
+    /// `grace_until` before reopening, and takes them back whenever they return.
+    pub selected_before: BTreeSet<String>,
+    pub grace_until: Option<Instant>,
 }
 
 impl State {

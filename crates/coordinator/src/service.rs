@@ -109,12 +109,16 @@ pub(crate) fn identify<T>(shared: &Shared, req: &Request<T>, role: Role) -> Resu
 fn refusal_status(r: &Refusal) -> Status {
     let msg = format!("update refused ({}): {r}", r.kind());
     match r {
-        Refusal::WrongRound { .. } | Refusal::NoRound => Status::failed_precondition(msg),
-        Refusal::NotSelected(_) => Status::permission_denied(msg),
+        // Temporary: the agent waits for a round it is selected for.
+        Refusal::WrongRound { .. }
+        | Refusal::NoRound
+        | Refusal::NotSelected(_)
+        | Refusal::Late(_) => Status::failed_precondition(msg),
         Refusal::Duplicate(_) => Status::already_exists(msg),
         Refusal::Stream(_) | Refusal::Digest(_) => Status::data_loss(msg),
         Refusal::Idle(_) => Status::deadline_exceeded(msg),
         Refusal::Busy => Status::resource_exhausted(msg),
+        // Permanent: the agent stops.
         Refusal::Revoked => Status::permission_denied(msg),
         // The coordinator's own trouble (a full disk): not the agent's fault, try later.
         Refusal::Storage(_) => Status::unavailable(msg),
@@ -131,7 +135,8 @@ impl Federation for FederationService {
         let req = req.into_inner();
         let s = &self.shared;
         let global = s.global.load();
-        let mut st = s.lock();
+        let mut guard = s.lock();
+        let st = &mut *guard;
         let first = !st.agents.contains_key(&id);
         st.agents.insert(
             id.clone(),
@@ -152,7 +157,7 @@ impl Federation for FederationService {
             round: global.round,
             ..Default::default()
         };
-        match &st.phase {
+        match &mut st.phase {
             Phase::Waiting { .. } => resp.phase = pb::Phase::Waiting as i32,
             Phase::Aggregating { round } => {
                 resp.phase = pb::Phase::Aggregating as i32;
@@ -163,13 +168,14 @@ impl Federation for FederationService {
                 resp.phase = pb::Phase::Training as i32;
                 resp.round = open.round;
                 resp.deadline_unix_ms = open.deadline_unix_ms;
-                if open.selected.contains(&id) && !open.submitted.contains_key(&id) {
+                open.readmit(&id);
+                if open.awaits(&id) {
                     resp.selected = true;
                     resp.task = Some((&s.config.task).into());
                 }
             }
         }
-        drop(st);
+        drop(guard);
         s.wake.notify_one();
         Ok(Response::new(resp))
     }
@@ -185,11 +191,12 @@ impl Federation for FederationService {
             ));
         };
         {
-            let st = self.shared.lock();
-            match &st.phase {
+            let mut st = self.shared.lock();
+            match &mut st.phase {
                 Phase::Training(open) if open.round == round => {
-                    if !open.selected.contains(&id) {
-                        return Err(Status::permission_denied(format!(
+                    if !open.readmit(&id) {
+                        // Temporary: the agent may be selected for a later round.
+                        return Err(Status::failed_precondition(format!(
                             "not selected for round {round}"
                         )));
                     }
@@ -295,15 +302,19 @@ impl Federation for FederationService {
                 tracing::warn!(client = %id, check = refusal.kind(), reason = %refusal, "update refused");
                 let mut st = s.lock();
                 st.refuse(refusal.kind());
-                // A stalled upload takes its agent out of the round, so the round does not
-                // wait for it until the deadline.
-                if matches!(refusal, Refusal::Idle(_))
-                    && let Phase::Training(open) = &mut st.phase
-                    && open.selected.contains(&id)
-                    && !open.submitted.contains_key(&id)
+                // A stalled upload takes its agent out of the round, and an update refused
+                // for its content stops holding the round up: the round does not wait for
+                // either until its deadline.
+                if let Phase::Training(open) = &mut st.phase
+                    && open.awaits(&id)
                 {
-                    open.drop_agent(&id);
-                    tracing::warn!(client = %id, round = open.round, "stalled agent dropped from the round");
+                    if matches!(refusal, Refusal::Idle(_)) {
+                        open.drop_agent(&id);
+                        tracing::warn!(client = %id, round = open.round, "stalled agent dropped from the round");
+                    } else if refusal.is_content() {
+                        open.failed.insert(id.clone());
+                        tracing::warn!(client = %id, round = open.round, "the round no longer waits for this agent (its update was refused)");
+                    }
                     drop(st);
                     s.wake.notify_one();
                 }
@@ -408,7 +419,7 @@ async fn receive_update(
     };
     // Cheap checks before any data is read.
     let expected = {
-        let st = s.lock();
+        let mut st = s.lock();
         if let Some((round, digests)) = &st.closed
             && *round == header.round
             && digests.get(id) == Some(&header.digest)
@@ -419,7 +430,7 @@ async fn receive_update(
                 message: "already received (retry ignored; the round is closed)".into(),
             });
         }
-        let Phase::Training(open) = &st.phase else {
+        let Phase::Training(open) = &mut st.phase else {
             return Err(Refusal::NoRound);
         };
         if open.round != header.round {
@@ -428,8 +439,11 @@ async fn receive_update(
                 open: open.round,
             });
         }
-        if !open.selected.contains(id) {
+        if !open.readmit(id) {
             return Err(Refusal::NotSelected(open.round));
+        }
+        if Instant::now() >= open.deadline {
+            return Err(Refusal::Late(open.round));
         }
         if let Some(prev) = open.submitted.get(id) {
             if prev.digest == header.digest {
@@ -568,6 +582,10 @@ fn accept(
     if !open.selected.contains(id) {
         return Err(Refusal::NotSelected(open.round));
     }
+    // Exactly at the deadline: an update that finished streaming later does not count.
+    if Instant::now() >= open.deadline {
+        return Err(Refusal::Late(open.round));
+    }
     if open.submitted.contains_key(id) {
         return Err(Refusal::Duplicate(open.round));
     }
@@ -577,6 +595,7 @@ fn accept(
         .accept(&stored.path, id)
         .map_err(Refusal::Storage)?;
     let n = stored.num_samples;
+    open.failed.remove(id);
     open.submitted.insert(id.to_string(), stored);
     let round = open.round;
     tracing::info!(

@@ -106,6 +106,8 @@ pub enum Refusal {
     NoRound,
     #[error("not selected for round {0}")]
     NotSelected(u64),
+    #[error("round {0} passed its deadline")]
+    Late(u64),
     #[error("already submitted a different update for round {0}")]
     Duplicate(u64),
     #[error("sample count {got} is outside 1..={max}")]
@@ -142,12 +144,27 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Refused for what the update holds (not for when or how it arrived): sending the same
+    /// update again cannot succeed, so its sender stops holding the round up.
+    pub fn is_content(&self) -> bool {
+        matches!(
+            self,
+            Refusal::Samples { .. }
+                | Refusal::Names { .. }
+                | Refusal::Shape { .. }
+                | Refusal::NonFinite { .. }
+                | Refusal::Norm { .. }
+                | Refusal::DType(_)
+        )
+    }
+
     /// A short stable label for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {
             Refusal::WrongRound { .. } => "wrong_round",
             Refusal::NoRound => "no_round",
             Refusal::NotSelected(_) => "not_selected",
+            Refusal::Late(_) => "late",
             Refusal::Duplicate(_) => "duplicate",
             Refusal::Samples { .. } => "samples",
             Refusal::Names { .. } => "names",
