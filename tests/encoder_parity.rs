@@ -200,7 +200,8 @@ fn attention_probabilities_match_transformers() {
     let device = fedmicse_encoder::device::cpu();
     let enc = Encoder::load(minilm(), &device).unwrap();
     let tokens = fixture("minilm_tokens.json");
-    let fx = &fixture("minilm_embeddings.json")["attention_probs"];
+    let fx_all = fixture("minilm_embeddings.json");
+    let fx = &fx_all["attention_probs"];
     let batch = BatchTensors::new(&fixture_batch(&tokens, "max_len_32"), &device);
     let out = enc.model.forward(
         &batch,
@@ -218,6 +219,16 @@ fn attention_probabilities_match_transformers() {
         .unwrap();
     assert_eq!(cls_vecs.len(), 24 * 384);
     assert_eq!(mean_vecs.len(), 24 * 384);
+    let want_embeddings = &fx_all["embeddings"]["max_len_32"];
+    for (got, field) in [(&cls_vecs, "cls"), (&mean_vecs, "mean")] {
+        let want: Vec<f32> = rows_f32(&want_embeddings[field]).concat();
+        assert_eq!(want.len(), 24 * 384, "{field}: fixture size");
+        let diff = max_abs_diff(got, &want);
+        assert!(
+            diff < 1e-4,
+            "{field} from the attention pass: max abs diff {diff}"
+        );
+    }
     for (layer, head) in [(0usize, 0usize), (5, 11)] {
         let probs = out.attentions[layer].clone();
         let [b, h, s, s2] = probs.dims();

@@ -9,31 +9,11 @@ use std::time::Duration;
 
 use common::fed::*;
 use common::*;
-use fedmicse_encoder::{HostTensor, TensorMap};
+use fedmicse_encoder::TensorMap;
 use fedmicse_wire::client::Connection;
 use fedmicse_wire::pb::{self, ElementType, UpdateHeader};
 use fedmicse_wire::tensors::{digest, total_bytes};
 use tonic::Code;
-
-fn fedavg(global: &TensorMap, updates: &[(u64, &TensorMap)]) -> TensorMap {
-    let total: f64 = updates.iter().map(|(n, _)| *n as f64).sum();
-    global
-        .iter()
-        .map(|(name, w)| {
-            let data = (0..w.data.len())
-                .map(|i| {
-                    let mean = updates
-                        .iter()
-                        .map(|(n, d)| *n as f64 * d[name].data[i] as f64)
-                        .sum::<f64>()
-                        / total;
-                    (w.data[i] as f64 + mean) as f32
-                })
-                .collect();
-            (name.clone(), HostTensor::new(w.shape.clone(), data))
-        })
-        .collect()
-}
 
 fn assert_close(got: &TensorMap, want: &TensorMap) {
     for (name, w) in want {
@@ -178,7 +158,8 @@ async fn every_kind_of_bad_update_is_refused_with_its_own_status() {
         Code::InvalidArgument,
         "dtype",
     );
-    // Not selected (joined after the round opened).
+    // Not selected (joined after the round opened): a's refused updates did not give its
+    // slot away.
     let mut late = connect(running.addr, &certs, "late");
     late.join(5).await.unwrap();
     expect(
@@ -187,7 +168,8 @@ async fn every_kind_of_bad_update_is_refused_with_its_own_status() {
         "not_selected",
     );
 
-    // The valid updates; then a different second update from a is refused as a duplicate.
+    // The valid updates (a's corrected one is still taken); then a different second update
+    // from a is refused as a duplicate.
     let good_b = synthetic_delta(&global, 3, 0.01);
     assert!(
         a.submit(round, 10, metrics(), Arc::new(good.clone()))
@@ -215,6 +197,7 @@ async fn every_kind_of_bad_update_is_refused_with_its_own_status() {
         &running.global().tensors,
         &fedavg(&global, &[(10, &good), (20, &good_b)]),
     );
+    assert_eq!(running.history().last().unwrap().clients, 2);
     let kinds: Vec<&str> = seen.keys().map(String::as_str).collect();
     assert_eq!(
         kinds,
@@ -273,13 +256,37 @@ async fn vanished_agents_do_not_block_and_too_few_answers_retry_the_round() {
     // The retried round: a's update still counts; c starts an upload and vanishes mid-stream;
     // b answers. The round commits at the deadline with a and b.
     let mut c = conns.pop().unwrap();
+    assert_eq!(
+        wait_selected(&mut c).await,
+        round,
+        "the same round, retried"
+    );
     let big = synthetic_delta(&global, 12, 0.01);
-    let upload = tokio::spawn(async move {
-        let _ = wait_selected(&mut c).await;
-        c.submit(round, 7, metrics(), Arc::new(big)).await
-    });
-    tokio::time::sleep(Duration::from_millis(30)).await;
-    upload.abort();
+    let mut upload = held_upload(running.addr, &certs, "c", header(round, 7, &big));
+    upload.send(&big, 0, 2).await; // the header and the first two chunks, then nothing
+    // Wait until the coordinator holds c's upload: a second upload from c is then refused as
+    // busy (a probe for another round, so one that does get through changes nothing).
+    let probe = TensorMap::new();
+    let mut in_flight = false;
+    for _ in 0..200 {
+        let st = c
+            .submit_raw(
+                header(round + 1, 7, &probe),
+                Arc::new(probe.clone()),
+                ElementType::F32,
+            )
+            .await
+            .expect_err("a probe is never accepted");
+        if st.code() == Code::ResourceExhausted {
+            assert!(st.message().contains("(busy)"), "{}", st.message());
+            in_flight = true;
+            break;
+        }
+        assert_eq!(st.code(), Code::FailedPrecondition, "{}", st.message());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(in_flight, "c's upload never reached the coordinator");
+    upload.abort().await; // c vanishes mid-stream
     let mut b = conns.pop().unwrap();
     wait_selected(&mut b).await;
     let db = synthetic_delta(&global, 13, 0.01);
@@ -441,8 +448,24 @@ async fn fifty_agents_and_two_hundred_embeds_during_a_model_swap() {
         .unwrap();
     let refs: Vec<(u64, &TensorMap)> = updates.iter().map(|(n, d)| (*n, d)).collect();
     assert_close(&running.global().tensors, &fedavg(&global.unwrap(), &refs));
-    assert_eq!(running.history().last().unwrap().clients, 50);
-    eprintln!("embed requests answered by rounds {rounds_seen:?}");
+    let history = running.history();
+    assert_eq!(history.last().unwrap().clients, 50);
+    // Every embed was answered by a committed model (the start or round 1, depending on how
+    // it raced the swap), never by anything half-built.
+    let committed: std::collections::BTreeSet<u64> = history.iter().map(|h| h.round).collect();
+    assert_eq!(committed, [0, 1].into());
+    assert!(!rounds_seen.is_empty());
+    assert!(
+        rounds_seen.is_subset(&committed),
+        "embed requests answered by rounds {rounds_seen:?}, committed {committed:?}"
+    );
+    // After the swap, embeds come from round 1.
+    let mut after = connect(addr, &certs, "agent-00");
+    let r = after
+        .embed(vec!["sentence number 0".into()], pb::Pooling::Cls, true)
+        .await
+        .unwrap();
+    assert_eq!(r.model_round, 1);
     Arc::try_unwrap(running).ok().unwrap().shutdown().await;
 }
 
@@ -471,38 +494,6 @@ async fn garbage_on_the_socket_does_not_hurt_the_coordinator() {
     let mut a = connect(running.addr, &certs, "a");
     assert_eq!(a.join(1).await.unwrap().client_id, "a");
     running.shutdown().await;
-}
-
-/// Submits the same two deltas (per round) until the federation is done.
-async fn drive_agents(conns: &mut [Connection], deltas: &[Vec<TensorMap>], until_round: u64) {
-    let mut done = vec![0u64; conns.len()];
-    for _ in 0..2000 {
-        let mut all = true;
-        for (i, c) in conns.iter_mut().enumerate() {
-            let Ok(r) = c.join(100).await else {
-                all = false;
-                continue;
-            };
-            if r.phase == pb::Phase::Done as i32 {
-                continue;
-            }
-            all = false;
-            if r.phase == pb::Phase::Training as i32 && r.selected && done[i] < r.round {
-                let d = deltas[i][(r.round - 1) as usize].clone();
-                if c.submit(r.round, 10 * (i as u64 + 1), metrics(), Arc::new(d))
-                    .await
-                    .is_ok()
-                {
-                    done[i] = r.round;
-                }
-            }
-        }
-        if all || done.iter().all(|&d| d >= until_round) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("agents did not finish");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -20,26 +20,6 @@ use fedmicse_wire::tensors::{digest, total_bytes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
-fn fedavg(global: &TensorMap, updates: &[(u64, &TensorMap)]) -> TensorMap {
-    let total: f64 = updates.iter().map(|(n, _)| *n as f64).sum();
-    global
-        .iter()
-        .map(|(name, w)| {
-            let data = (0..w.data.len())
-                .map(|i| {
-                    let mean = updates
-                        .iter()
-                        .map(|(n, d)| *n as f64 * d[name].data[i] as f64)
-                        .sum::<f64>()
-                        / total;
-                    (w.data[i] as f64 + mean) as f32
-                })
-                .collect();
-            (name.clone(), HostTensor::new(w.shape.clone(), data))
-        })
-        .collect()
-}
-
 fn assert_close(got: &TensorMap, want: &TensorMap) {
     for (name, w) in want {
         let d = max_abs_diff(&got[name].data, &w.data);

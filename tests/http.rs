@@ -294,9 +294,8 @@ async fn metrics_http_api_status_and_agent_metrics() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let bytes = std::fs::read(&png).unwrap();
-    assert_eq!(&bytes[..4], b"\x89PNG");
-    assert!(bytes.len() > 10_000);
+    // Three panels (dev Spearman, loss, traffic): 900 × (60 + 3 × 320).
+    assert_chart_png(&png, 900, 1020);
     running.shutdown().await;
 }
 
@@ -355,9 +354,8 @@ fn plot_embeddings_draws_a_labelled_projection() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let bytes = std::fs::read(&png).unwrap();
-    assert_eq!(&bytes[..4], b"\x89PNG");
-    assert!(bytes.len() > 10_000);
+    // The scatter plot is 900 × 760; its legend shows the first class's colour.
+    assert_chart_png(&png, 900, 760);
     let err = Command::new(env!("CARGO_BIN_EXE_fedmicse"))
         .args(["plot", "embeddings", "--label-column", "topic", "--model"])
         .arg(minilm())

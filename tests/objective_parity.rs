@@ -220,6 +220,7 @@ fn sampled_positions_are_valid_distinct_and_counted() {
             for (i, &r) in plan.rows.iter().enumerate() {
                 let cols_i = &plan.columns[i * plan.samples..(i + 1) * plan.samples];
                 let mut sorted = cols_i.to_vec();
+                sorted.sort_unstable();
                 sorted.dedup();
                 assert_eq!(sorted.len(), plan.samples, "distinct within row {r}");
                 assert!(

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use common::fed::*;
 use fedmicse_agent::AgentConfig;
 use fedmicse_coordinator::CoordinatorConfig;
-use fedmicse_encoder::TensorMap;
 use fedmicse_wire::client::Connection;
 use fedmicse_wire::pb;
 use tonic::Code;
@@ -688,23 +687,4 @@ async fn a_full_disk_costs_no_update_and_no_hot_loop() {
         assert!(diff < 1e-5, "{name}: {diff}");
     }
     running.shutdown().await;
-}
-
-/// W + Σ nᵢΔᵢ / Σ nᵢ over the tensors of the updates.
-fn fedavg(global: &TensorMap, updates: &[(u64, &TensorMap)]) -> TensorMap {
-    let total: u64 = updates.iter().map(|(n, _)| n).sum();
-    updates[0]
-        .1
-        .keys()
-        .map(|name| {
-            let mut t = global[name].clone();
-            for (n, u) in updates {
-                let w = *n as f32 / total as f32;
-                for (x, d) in t.data.iter_mut().zip(&u[name].data) {
-                    *x += w * d;
-                }
-            }
-            (name.clone(), t)
-        })
-        .collect()
 }

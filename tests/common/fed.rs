@@ -1,6 +1,7 @@
 //! Starting coordinators and fake agents for federation tests.
 #![allow(dead_code)]
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -149,6 +150,41 @@ pub fn synthetic_delta(
         .collect()
 }
 
+/// FedAvg computed here independently of the coordinator: W + Σ nᵢΔᵢ / Σ nᵢ (in f64).
+pub fn fedavg(global: &TensorMap, updates: &[(u64, &TensorMap)]) -> TensorMap {
+    let total: f64 = updates.iter().map(|(n, _)| *n as f64).sum();
+    global
+        .iter()
+        .map(|(name, w)| {
+            let data = (0..w.data.len())
+                .map(|i| {
+                    let mean = updates
+                        .iter()
+                        .map(|(n, d)| *n as f64 * d[name].data[i] as f64)
+                        .sum::<f64>()
+                        / total;
+                    (w.data[i] as f64 + mean) as f32
+                })
+                .collect();
+            (
+                name.clone(),
+                fedmicse_encoder::HostTensor::new(w.shape.clone(), data),
+            )
+        })
+        .collect()
+}
+
+/// Every tensor of `want` is in `got` with the same shape, values within `tol`.
+pub fn assert_tensors_within(got: &TensorMap, want: &TensorMap, tol: f32) {
+    assert_eq!(got.len(), want.len(), "tensor count");
+    for (name, w) in want {
+        let g = &got[name];
+        assert_eq!(g.shape, w.shape, "{name}: shape");
+        let d = super::max_abs_diff(&g.data, &w.data);
+        assert!(d <= tol, "{name}: max abs diff {d} > {tol}");
+    }
+}
+
 pub fn metrics() -> pb::LocalMetrics {
     pb::LocalMetrics {
         steps: 1,
@@ -229,6 +265,16 @@ impl HeldUpload {
         }
     }
 
+    /// The agent vanishes: the call is dropped mid-stream, without ending the stream.
+    pub async fn abort(self) {
+        self.call.abort();
+        assert!(
+            self.call.await.is_err_and(|e| e.is_cancelled()),
+            "the upload had already ended"
+        );
+        drop(self.tx);
+    }
+
     pub async fn finish(self) -> Result<pb::SubmitResponse, tonic::Status> {
         drop(self.tx);
         self.call.await.unwrap()
@@ -259,4 +305,44 @@ pub async fn wait_phase(conn: &mut Connection, phase: pb::Phase, round: u64) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("coordinator never reached {phase:?} of round {round}");
+}
+
+/// Polls every agent and submits `deltas[i][round - 1]` (weighing `10 · (i + 1)` samples)
+/// whenever agent `i` is selected, until the federation is done or every agent has sent for
+/// `until_round`. Returns, per round, the agents that sent an update (the round's selection).
+pub async fn drive_agents(
+    conns: &mut [Connection],
+    deltas: &[Vec<TensorMap>],
+    until_round: u64,
+) -> BTreeMap<u64, BTreeSet<usize>> {
+    let mut done = vec![0u64; conns.len()];
+    let mut sent: BTreeMap<u64, BTreeSet<usize>> = BTreeMap::new();
+    for _ in 0..2000 {
+        let mut all = true;
+        for (i, c) in conns.iter_mut().enumerate() {
+            let Ok(r) = c.join(100).await else {
+                all = false;
+                continue;
+            };
+            if r.phase == pb::Phase::Done as i32 {
+                continue;
+            }
+            all = false;
+            if r.phase == pb::Phase::Training as i32 && r.selected && done[i] < r.round {
+                let d = deltas[i][(r.round - 1) as usize].clone();
+                if c.submit(r.round, 10 * (i as u64 + 1), metrics(), Arc::new(d))
+                    .await
+                    .is_ok()
+                {
+                    done[i] = r.round;
+                    sent.entry(r.round).or_default().insert(i);
+                }
+            }
+        }
+        if all || done.iter().all(|&d| d >= until_round) {
+            return sent;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("agents did not finish");
 }

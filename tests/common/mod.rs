@@ -112,3 +112,51 @@ pub fn cli_embed(model: &Path, args: &[&str], sentences: &[&str]) -> Vec<Vec<f32
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// Decodes a chart PNG and checks it is `width`×`height` and really drawn on: many colours,
+/// a fair share of non-white pixels below the title band, and the palette's first series
+/// colour (31, 119, 180) among them.
+pub fn assert_chart_png(path: &Path, width: u32, height: u32) {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .unwrap_or_else(|e| panic!("{}: not a PNG: {e}", path.display()));
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(
+        (info.width, info.height),
+        (width, height),
+        "{}: dimensions",
+        path.display()
+    );
+    assert_eq!(info.bit_depth, png::BitDepth::Eight, "{}", path.display());
+    let step = info.color_type.samples();
+    assert!(step >= 3, "{}: {:?}", path.display(), info.color_type);
+    let px = &buf[..info.buffer_size()];
+    let colours: std::collections::HashSet<&[u8]> = px.chunks(step).collect();
+    assert!(
+        colours.len() > 2,
+        "{}: {} colours",
+        path.display(),
+        colours.len()
+    );
+    // Below the 60-pixel title band and right of the y labels: where the data is drawn.
+    let (w, h) = (width as usize, height as usize);
+    let at = |x: usize, y: usize| &px[(y * w + x) * step..(y * w + x) * step + 3];
+    let area: Vec<&[u8]> = (60..h)
+        .flat_map(|y| (60..w).map(move |x| (x, y)))
+        .map(|(x, y)| at(x, y))
+        .collect();
+    let inked = area.iter().filter(|p| p.iter().any(|&v| v != 255)).count();
+    assert!(
+        inked * 200 > area.len(),
+        "{}: nearly blank plot area ({inked} of {} pixels drawn)",
+        path.display(),
+        area.len()
+    );
+    assert!(
+        area.iter().any(|p| *p == [31u8, 119, 180]),
+        "{}: no pixel in the first series colour",
+        path.display()
+    );
+}

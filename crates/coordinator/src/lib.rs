@@ -555,7 +555,9 @@ async fn drive(shared: Arc<Shared>) {
                     // Slots of dropped agents go to connected agents the round has not
                     // selected, so a round can still reach min_clients without waiting for
                     // its deadline.
-                    let live = open.selected.len().saturating_sub(open.failed.len());
+                    // (An agent whose update was refused keeps its slot: it may still send a
+                    // corrected one while the round is open.)
+                    let live = open.selected.len();
                     if live < f.min_clients {
                         let candidates: Vec<String> = connected
                             .iter()

@@ -178,6 +178,30 @@ mod tests {
         assert_eq!(select(&ids, 0.3, 2, 1, 1).len(), 3);
         assert_eq!(select(&ids, 0.1, 2, 1, 1).len(), 2);
         assert_eq!(select(&ids, 1.0, 2, 1, 1).len(), 10);
-        assert_eq!(select(&ids, 0.5, 2, 1, 4), select(&ids, 0.5, 2, 1, 4));
+        // More than are connected cannot be selected; nobody connected selects nobody.
+        assert_eq!(select(&ids, 0.1, 20, 1, 1).len(), 10);
+        assert!(select(&[], 0.5, 2, 1, 1).is_empty());
+    }
+
+    #[test]
+    fn selection_is_a_reproducible_subset_that_varies_by_round_and_seed() {
+        let ids: Vec<String> = (0..100).map(|i| format!("a{i:03}")).collect();
+        let pool: BTreeSet<String> = ids.iter().cloned().collect();
+        let base = select(&ids, 0.3, 2, 1, 4);
+        assert_eq!(base.len(), 30);
+        assert!(base.is_subset(&pool), "selected agents come from the pool");
+        // The same inputs give the same selection, also from a fresh call with copied input.
+        assert_eq!(base, select(&ids.clone(), 0.3, 2, 1, 4));
+        // Another round or another seed picks another subset (C(100, 30) of them).
+        let other_round = select(&ids, 0.3, 2, 1, 5);
+        let other_seed = select(&ids, 0.3, 2, 2, 4);
+        for other in [&other_round, &other_seed] {
+            assert_eq!(other.len(), 30);
+            assert!(other.is_subset(&pool));
+            assert_ne!(&base, other);
+        }
+        // Over many rounds every agent gets its turn (not a fixed prefix of the pool).
+        let ever: BTreeSet<String> = (1..=40).flat_map(|r| select(&ids, 0.3, 2, 1, r)).collect();
+        assert_eq!(ever, pool);
     }
 }

@@ -194,7 +194,13 @@ mod tests {
         all.sort();
         assert_eq!(all, (0..10).collect::<Vec<_>>());
         assert!(s.iter().all(|x| x.len() == 3 || x.len() == 4));
-        assert_eq!(s, iid(10, 3, 1));
+        assert_eq!(s.len(), 3);
+        // Reproducible for a seed, different for another (and not the identity deal).
+        let big = iid(100, 4, 1);
+        assert_eq!(big, iid(100, 4, 1));
+        assert_ne!(big, iid(100, 4, 2));
+        let unshuffled: Vec<Vec<usize>> = (0..4).map(|c| (c..100).step_by(4).collect()).collect();
+        assert_ne!(big, unshuffled, "the items are shuffled before dealing");
     }
 
     #[test]
@@ -215,6 +221,9 @@ mod tests {
             })
             .count();
         assert!(dominated >= 3, "{dominated}");
+        // Reproducible for a seed, different for another.
+        assert_eq!(s, dirichlet(&labels, 4, 0.1, 7, 5));
+        assert_ne!(s, dirichlet(&labels, 4, 0.1, 8, 5));
         assert!("dirichlet:0.5".parse::<Partition>().is_ok());
         assert!("dirichlet:-1".parse::<Partition>().is_err());
     }

@@ -290,7 +290,11 @@ mod tests {
         line_panels(&p, "training", &[panel.clone(), panel], 800).unwrap();
         let bytes = std::fs::read(&p).unwrap();
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
-        assert!(bytes.len() > 5_000);
+        // Two panels: 800 wide, 60 + 2 × 320 high; both series' colours drawn.
+        let (w, h, px) = decode(&p);
+        assert_eq!((w, h), (800, 700));
+        assert_drawn(&px, w, h);
+        assert!(has(&px, color(0)) && has(&px, color(1)));
         let s = dir.join("scatter.png");
         let pts: Vec<(f64, f64, usize)> = (0..100)
             .map(|i| ((i as f64).sin(), (i as f64).cos(), i % 3))
@@ -303,7 +307,44 @@ mod tests {
             &["a".into(), "b".into(), "c".into()],
         )
         .unwrap();
-        assert!(std::fs::read(&s).unwrap().len() > 5_000);
+        let (w, h, px) = decode(&s);
+        assert_eq!((w, h), (900, 760));
+        assert_drawn(&px, w, h);
+        // The legend shows each class in its own colour.
+        assert!((0..3).all(|k| has(&px, color(k))));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Width, height and RGB pixels of a PNG.
+    fn decode(path: &Path) -> (usize, usize, Vec<[u8; 3]>) {
+        let file = std::io::BufReader::new(std::fs::File::open(path).unwrap());
+        let mut reader = png::Decoder::new(file).read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        assert_eq!(info.bit_depth, png::BitDepth::Eight);
+        let step = info.color_type.samples();
+        assert!(step >= 3, "{:?}", info.color_type);
+        let px = buf[..info.buffer_size()]
+            .chunks(step)
+            .map(|p| [p[0], p[1], p[2]])
+            .collect();
+        (info.width as usize, info.height as usize, px)
+    }
+
+    /// Not blank: many colours, and ink in the plot area (below the title band).
+    fn assert_drawn(px: &[[u8; 3]], w: usize, h: usize) {
+        let colours: std::collections::HashSet<[u8; 3]> = px.iter().copied().collect();
+        assert!(colours.len() > 2, "{} colours", colours.len());
+        let area = &px[60 * w..h * w];
+        let inked = area.iter().filter(|p| **p != [255, 255, 255]).count();
+        assert!(
+            inked * 200 > area.len(),
+            "nearly blank: {inked} of {} pixels drawn",
+            area.len()
+        );
+    }
+
+    fn has(px: &[[u8; 3]], c: RGBColor) -> bool {
+        px.iter().any(|p| *p == [c.0, c.1, c.2])
     }
 }

@@ -87,9 +87,15 @@ mod tests {
         let a = sample(&s, 10, 48);
         assert_eq!(a, sample(&s, 10, 48));
         assert_ne!(a, sample(&s, 10, 49));
-        let mut d = a.clone();
-        d.dedup();
-        assert_eq!(d.len(), 10);
+        assert_eq!(a.len(), 10);
+        let distinct: std::collections::HashSet<&String> = a.iter().collect();
+        assert_eq!(distinct.len(), 10, "drawn without replacement: {a:?}");
+        // Drawn from the sentences, kept in file order.
+        let pos: Vec<usize> = a
+            .iter()
+            .map(|x| s.iter().position(|y| y == x).expect("from the source"))
+            .collect();
+        assert!(pos.windows(2).all(|w| w[0] < w[1]), "file order: {pos:?}");
         assert_eq!(sample(&s, 1000, 1), s);
     }
 
@@ -98,11 +104,23 @@ mod tests {
         let b = epoch_batches(10, 4, 1, 0);
         assert_eq!(b.len(), 2);
         assert!(b.iter().all(|x| x.len() == 4));
-        assert_eq!(
-            epoch_batches(3, 64, 1, 0),
-            vec![epoch_batches(3, 64, 1, 0)[0].clone()]
-        );
-        assert_eq!(epoch_batches(3, 64, 1, 0)[0].len(), 3);
+        // No index twice, all in range (the 2 left over are dropped).
+        let mut seen: Vec<usize> = b.concat();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), 8);
+        assert!(seen.iter().all(|&i| i < 10));
+        // Divisible: one epoch is a permutation of the shard.
+        let mut all: Vec<usize> = epoch_batches(12, 4, 1, 0).concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..12).collect::<Vec<_>>());
+        // Smaller than a batch: the whole shard is one batch.
+        let small = epoch_batches(3, 64, 1, 0);
+        assert_eq!(small.len(), 1);
+        let mut one = small[0].clone();
+        one.sort_unstable();
+        assert_eq!(one, vec![0, 1, 2]);
+        assert_eq!(epoch_batches(100, 10, 1, 0), epoch_batches(100, 10, 1, 0));
         assert_ne!(epoch_batches(100, 10, 1, 0), epoch_batches(100, 10, 1, 1));
     }
 }
