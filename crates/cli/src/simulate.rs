@@ -460,10 +460,7 @@ pub fn run_simulate(cmd: SimulateCmd) -> Result<()> {
             revocation_list: None,
         }),
         federation: FederationConfig {
-            model: c.model.clone(),
-            state_dir: state_dir.clone(),
             allowlist: ids.clone(),
-            operators: Vec::new(),
             rounds: c.rounds,
             // Honest agents alone can commit a round.
             min_clients: c
@@ -476,12 +473,10 @@ pub fn run_simulate(cmd: SimulateCmd) -> Result<()> {
             server_lr: c.federation.server_lr,
             agent_timeout_secs: 15,
             poll_ms: 200,
-            restart_grace_ms: None,
             keep_checkpoints: (c.rounds as usize + 1).max(1),
             seed: c.seed,
             device: c.device.clone(),
-            max_concurrent_uploads: 4,
-            max_concurrent_downloads: 16,
+            ..FederationConfig::new(c.model.clone(), state_dir.clone())
         },
         updates: c.updates.clone(),
         task: c.task.clone(),

@@ -227,6 +227,30 @@ fn d_agent_timeout() -> u64 {
 }
 
 impl FederationConfig {
+    /// `model` and `state_dir` with every other field at its documented default (the
+    /// values a config file gets when it leaves them out).
+    pub fn new(model: PathBuf, state_dir: PathBuf) -> Self {
+        FederationConfig {
+            model,
+            state_dir,
+            allowlist: Vec::new(),
+            operators: Vec::new(),
+            rounds: d_rounds(),
+            min_clients: d_min_clients(),
+            fraction: d_fraction(),
+            round_deadline_secs: d_deadline(),
+            server_lr: d_one(),
+            agent_timeout_secs: d_agent_timeout(),
+            poll_ms: d_poll(),
+            restart_grace_ms: None,
+            keep_checkpoints: d_keep(),
+            seed: d_seed(),
+            device: d_device(),
+            max_concurrent_uploads: d_uploads(),
+            max_concurrent_downloads: d_downloads(),
+        }
+    }
+
     /// How long a restarted coordinator waits for the interrupted round's agents.
     pub fn restart_grace(&self) -> std::time::Duration {
         std::time::Duration::from_millis(
@@ -462,6 +486,16 @@ model = "m"
 state_dir = "s"
 allowlist = ["a", "b"]
 "#;
+
+    #[test]
+    fn federation_defaults_in_code_match_a_file_that_leaves_them_out() {
+        let c: CoordinatorConfig = toml::from_str(MINIMAL).unwrap();
+        let want = FederationConfig {
+            allowlist: vec!["a".into(), "b".into()],
+            ..FederationConfig::new("m".into(), "s".into())
+        };
+        assert_eq!(c.federation, want);
+    }
 
     #[test]
     fn parses_minimal_and_rejects_unknown_fields() {
