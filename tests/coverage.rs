@@ -13,8 +13,9 @@ use common::*;
 use fedmicse_coordinator::{CoordinatorConfig, Running};
 use fedmicse_encoder::{HostTensor, TensorMap};
 use fedmicse_federation::{ServerOptimizer, Strategy, UpdateRules};
+use fedmicse_wire::ElementType;
 use fedmicse_wire::client::{Connection, Target};
-use fedmicse_wire::pb::{self, ElementType};
+use fedmicse_wire::pb;
 use tonic::Code;
 
 async fn finish(running: &Running, secs: u64) {
@@ -303,7 +304,7 @@ async fn half_precision_round(
     let ids = ["a", "b"];
     let fed = federation(&ids);
     let mut config = fed.config(&ids);
-    config.task.update_dtype = name.into();
+    config.task.update_dtype = name.parse().unwrap();
     config.updates = UpdateRules::none();
     let running = start(config).await;
     let global = running.global().tensors.clone();

@@ -10,8 +10,9 @@ use std::time::Duration;
 use common::fed::*;
 use common::*;
 use fedmicse_encoder::TensorMap;
+use fedmicse_wire::ElementType;
 use fedmicse_wire::client::Connection;
-use fedmicse_wire::pb::{self, ElementType, UpdateHeader};
+use fedmicse_wire::pb::{self, UpdateHeader};
 use fedmicse_wire::tensors::{digest, total_bytes};
 use tonic::Code;
 

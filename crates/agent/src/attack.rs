@@ -159,7 +159,7 @@ pub async fn before_submit(
     num_samples: u64,
     metrics: LocalMetrics,
     delta: &Arc<TensorMap>,
-    dtype: pb::ElementType,
+    dtype: fedmicse_wire::ElementType,
 ) -> Result<(u64, Arc<TensorMap>), Status> {
     let Some(attack) = attack else {
         return Ok((num_samples, delta.clone()));
@@ -375,7 +375,7 @@ mod tests {
             7,
             LocalMetrics::default(),
             &d,
-            pb::ElementType::F32,
+            fedmicse_wire::ElementType::F32,
         )
         .await
         .unwrap();

@@ -38,7 +38,7 @@ struct Pending {
     num_samples: u64,
     metrics: LocalMetrics,
     delta: Arc<TensorMap>,
-    dtype: pb::ElementType,
+    dtype: fedmicse_wire::ElementType,
 }
 
 pub struct Agent {
@@ -345,8 +345,7 @@ impl Agent {
                 num_samples: self.shard.len() as u64,
                 metrics,
                 delta: Arc::new(delta),
-                dtype: fedmicse_wire::tensors::parse_dtype(&task.update_dtype)
-                    .unwrap_or(pb::ElementType::F32),
+                dtype: task.update_dtype,
             });
         }
         let p = pending.as_ref().expect("pending update");

@@ -19,7 +19,7 @@ pub fn train_config(task: &TaskConfig, num_layers: usize, n: usize, seed: u64) -
         objective: ObjectiveConfig {
             temperature: task.temperature,
             alpha: 1.0,
-            lambda: if task.objective == "simcse" {
+            lambda: if task.objective == fedmicse_federation::task::Objective::Simcse {
                 0.0
             } else {
                 task.lambda

@@ -182,7 +182,11 @@ impl InferenceService {
 
 fn pooling(p: i32) -> Result<Pooling, Status> {
     pb::Pooling::try_from(p)
-        .map(Pooling::from)
+        .map(|p| match p {
+            pb::Pooling::Cls => Pooling::Cls,
+            pb::Pooling::Mean => Pooling::Mean,
+            pb::Pooling::Pooler => Pooling::Pooler,
+        })
         .map_err(|_| Status::invalid_argument(format!("unknown pooling {p}")))
 }
 

@@ -2,13 +2,12 @@
 //! coordinator killed mid-round counts them again after a restart instead of losing them,
 //! and aggregation streams them slice by slice, whatever the number of agents.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use fedmicse_encoder::TensorMap;
-use fedmicse_encoder::weights::write_atomic;
 use fedmicse_federation::{Influence, Strategy, UpdateStats, combine};
-use safetensors::Dtype;
+use fedmicse_tensors::safetensors::TensorFile;
+use fedmicse_tensors::{HostTensor, TensorMap, write_atomic};
 
 /// One stored update.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,19 +81,7 @@ impl Pending {
     pub fn spool(&self, round: u64, s: &Stored, tensors: &TensorMap) -> Result<PathBuf, String> {
         let dir = self.round_dir(round);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-            .iter()
-            .map(|(n, t)| {
-                let v = safetensors::tensor::TensorView::new(
-                    Dtype::F32,
-                    t.shape.clone(),
-                    bytemuck::cast_slice(&t.data),
-                )
-                .expect("shape matches data");
-                (n.clone(), v)
-            })
-            .collect();
-        let meta = HashMap::from([
+        let meta = BTreeMap::from([
             ("client".to_string(), s.client.clone()),
             ("num_samples".to_string(), s.num_samples.to_string()),
             ("scale".to_string(), s.scale.to_string()),
@@ -107,12 +94,11 @@ impl Pending {
             ("declared".to_string(), s.declared.to_string()),
             ("serial".to_string(), s.serial.clone()),
         ]);
-        let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| e.to_string())?;
         // The client id was checked against the certificate-name rule, so it is a plain
         // file name; the nonce keeps two writers apart whatever happens.
         let nonce: u64 = rand::random();
         let path = dir.join(format!("{}.{nonce:016x}.{PARTIAL}", s.client));
-        if let Err(e) = write_atomic(&path, &bytes) {
+        if let Err(e) = fedmicse_tensors::safetensors::write(&path, tensors, &meta) {
             let _ = std::fs::remove_file(&path);
             return Err(e.to_string());
         }
@@ -125,9 +111,7 @@ impl Pending {
         let dir = partial.parent().ok_or("spool file has no folder")?;
         let path = dir.join(format!("{client}.safetensors"));
         std::fs::rename(partial, &path).map_err(io(&path))?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
+        fedmicse_tensors::sync_dir(dir);
         Ok(path)
     }
 
@@ -200,57 +184,9 @@ impl Pending {
     }
 }
 
-/// The safetensors header of a file, read alone: where the data starts, each tensor's byte
-/// range within the data, and the string metadata.
-struct Header {
-    data_start: u64,
-    ranges: HashMap<String, (u64, u64)>,
-    metadata: HashMap<String, String>,
-}
-
-fn read_header(file: &mut std::fs::File, path: &Path) -> Result<Header, String> {
-    use std::io::Read;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len).map_err(io(path))?;
-    let n = u64::from_le_bytes(len);
-    if n > 100 << 20 {
-        return Err(format!("{}: implausible header size {n}", path.display()));
-    }
-    let mut header = vec![0u8; n as usize];
-    file.read_exact(&mut header).map_err(io(path))?;
-    let json: HashMap<String, serde_json::Value> =
-        serde_json::from_slice(&header).map_err(|e| format!("{}: header: {e}", path.display()))?;
-    let mut ranges = HashMap::new();
-    let mut metadata = HashMap::new();
-    for (name, v) in json {
-        if name == "__metadata__" {
-            if let Some(m) = v.as_object() {
-                for (k, v) in m {
-                    metadata.insert(k.clone(), v.as_str().unwrap_or_default().to_string());
-                }
-            }
-            continue;
-        }
-        let offsets = v
-            .get("data_offsets")
-            .and_then(|o| o.as_array())
-            .and_then(|o| Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?)))
-            .ok_or_else(|| format!("{}: {name}: no data_offsets", path.display()))?;
-        if v.get("dtype").and_then(|d| d.as_str()) != Some("F32") {
-            return Err(format!("{}: {name}: not f32", path.display()));
-        }
-        ranges.insert(name, offsets);
-    }
-    Ok(Header {
-        data_start: 8 + n,
-        ranges,
-        metadata,
-    })
-}
-
 fn read_meta(path: &Path) -> Result<Stored, String> {
-    let mut file = std::fs::File::open(path).map_err(io(path))?;
-    let m = read_header(&mut file, path)?.metadata;
+    let file = TensorFile::open(path).map_err(|e| e.to_string())?;
+    let m = file.metadata();
     let get = |k: &str| {
         m.get(k)
             .cloned()
@@ -278,42 +214,6 @@ fn read_meta(path: &Path) -> Result<Stored, String> {
 /// aggregation is this times the number of updates, not the model size.
 const SLICE: usize = 1 << 20;
 
-/// A stored update opened for slice reads: its tensors' byte ranges from the header.
-struct Opened {
-    file: std::fs::File,
-    data_start: u64,
-    ranges: HashMap<String, (u64, u64)>,
-}
-
-impl Opened {
-    fn open(path: &Path) -> Result<Self, String> {
-        let mut file = std::fs::File::open(path).map_err(io(path))?;
-        let h = read_header(&mut file, path)?;
-        Ok(Opened {
-            file,
-            data_start: h.data_start,
-            ranges: h.ranges,
-        })
-    }
-
-    /// Elements `[from, to)` of tensor `name` into `out` (positioned reads, no mapping, so
-    /// the process holds only the slice).
-    fn read(&self, name: &str, from: usize, out: &mut [f32]) -> Result<(), String> {
-        use std::os::unix::fs::FileExt;
-        let (start, end) = *self
-            .ranges
-            .get(name)
-            .ok_or_else(|| format!("lacks {name}"))?;
-        let offset = start + from as u64 * 4;
-        if offset + out.len() as u64 * 4 > end {
-            return Err(format!("{name}: shorter than expected"));
-        }
-        self.file
-            .read_exact_at(bytemuck::cast_slice_mut(out), self.data_start + offset)
-            .map_err(|e| format!("{name}: {e}"))
-    }
-}
-
 /// Combines stored updates into one step, tensor by tensor and slice by slice, each with
 /// the weight and scale its bounded influence allows.
 pub fn aggregate(
@@ -326,8 +226,9 @@ pub fn aggregate(
     assert_eq!(stored.len(), influence.len());
     let files = stored
         .iter()
-        .map(|s| Opened::open(&s.path))
-        .collect::<Result<Vec<_>, String>>()?;
+        .map(|s| TensorFile::open(&s.path))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
     let weights: Vec<f64> = influence.iter().map(|i| i.weight).collect();
     let scales: Vec<f64> = influence.iter().map(|i| i.scale).collect();
     let mut buffers = vec![vec![0f32; SLICE]; stored.len()];
@@ -338,9 +239,9 @@ pub fn aggregate(
         let mut start = 0;
         while start < len {
             let end = (start + SLICE).min(len);
-            for ((f, buf), s) in files.iter().zip(buffers.iter_mut()).zip(stored) {
-                f.read(name, start, &mut buf[..end - start])
-                    .map_err(|e| format!("{}: {e}", s.path.display()))?;
+            for (f, buf) in files.iter().zip(buffers.iter_mut()) {
+                f.read_slice(name, start, &mut buf[..end - start])
+                    .map_err(|e| e.to_string())?;
             }
             let cols: Vec<&[f32]> = buffers.iter().map(|b| &b[..end - start]).collect();
             combine(
@@ -353,10 +254,7 @@ pub fn aggregate(
             );
             start = end;
         }
-        out.insert(
-            name.clone(),
-            fedmicse_encoder::HostTensor::new(shape.clone(), combined),
-        );
+        out.insert(name.clone(), HostTensor::new(shape.clone(), combined));
     }
     Ok(out)
 }
@@ -364,7 +262,6 @@ pub fn aggregate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedmicse_encoder::HostTensor;
 
     #[test]
     fn store_list_aggregate() {

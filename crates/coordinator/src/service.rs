@@ -463,10 +463,8 @@ async fn receive_update(
         }
         open.expected.clone()
     };
-    let elem = match s.config.task.update_dtype.as_str() {
-        "f16" | "bf16" => 2,
-        _ => 4,
-    };
+    let dtype = s.config.task.update_dtype;
+    let elem = dtype.size() as u64;
     let expected_bytes: u64 = expected
         .values()
         .map(|s| s.iter().product::<usize>() as u64 * elem)
@@ -474,8 +472,6 @@ async fn receive_update(
     // Bounded memory: only so many updates are held at once; others wait here, their
     // streams held back by HTTP/2 flow control. Every holder is bounded by the idle timeout.
     let _permit = s.uploads.acquire().await.expect("semaphore open");
-    let dtype = fedmicse_wire::tensors::parse_dtype(&s.config.task.update_dtype)
-        .unwrap_or(pb::ElementType::F32);
     let mut assembler = Assembler::new(Limits {
         max_tensors: expected.len(),
         max_total_bytes: expected_bytes,

@@ -34,6 +34,8 @@ pub enum EncoderError {
     Device(String),
     #[error("{0}")]
     Input(String),
+    #[error(transparent)]
+    Tensors(#[from] fedmicse_tensors::TensorError),
     #[error("tensor read-back failed: {0}")]
     Backend(String),
 }

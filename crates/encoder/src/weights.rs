@@ -5,59 +5,30 @@
 //! turned into a [`BertModel`]. The same map is what federation code averages and what
 //! `model.safetensors` is written from.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
-use safetensors::{Dtype, SafeTensors};
+pub use fedmicse_tensors::{HostTensor, TensorMap, name_matches};
 
 use crate::config::BertConfig;
-use crate::error::{EncoderError, Result, io_err};
+use crate::error::{EncoderError, Result};
 use crate::model::{BertModel, Dense, Dims, Embeddings, Layer, Norm, Pooler};
 
-/// A host tensor in f32, row-major.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HostTensor {
-    pub shape: Vec<usize>,
-    pub data: Vec<f32>,
+/// A burn tensor read back to the host.
+fn host_tensor<const D: usize>(t: Tensor<D>) -> Result<HostTensor> {
+    let shape = t.dims().to_vec();
+    let data = t
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| EncoderError::Backend(format!("{e:?}")))?;
+    Ok(HostTensor::new(shape, data))
 }
 
-impl HostTensor {
-    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
-        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
-        HostTensor { shape, data }
-    }
-
-    fn from_tensor<const D: usize>(t: Tensor<D>) -> Result<Self> {
-        let shape = t.dims().to_vec();
-        let data = t
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .map_err(|e| EncoderError::Backend(format!("{e:?}")))?;
-        Ok(HostTensor { shape, data })
-    }
-
-    /// `[r, c]` → `[c, r]`
-    fn transposed(&self) -> HostTensor {
-        let (r, c) = (self.shape[0], self.shape[1]);
-        let mut out = vec![0f32; r * c];
-        for i in 0..r {
-            for j in 0..c {
-                out[j * r + i] = self.data[i * c + j];
-            }
-        }
-        HostTensor::new(vec![c, r], out)
-    }
-
-    fn into_tensor<const D: usize>(self, device: &Device) -> Tensor<D> {
-        Tensor::from_data(TensorData::new(self.data, self.shape), device)
-    }
+fn to_tensor<const D: usize>(t: HostTensor, device: &Device) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(t.data, t.shape), device)
 }
-
-/// Tensors by canonical HF name, sorted (a stable order for digests and files).
-pub type TensorMap = BTreeMap<String, HostTensor>;
 
 /// Prefixes of tensors that belong to task heads or training code, not to `BertModel`:
 /// skipped on load, as `transformers` does for `BertModel`.
@@ -101,68 +72,36 @@ fn weights_err(path: &Path, message: impl Into<String>) -> EncoderError {
 type RawMap = Vec<(String, Option<HostTensor>)>;
 
 fn read_safetensors(path: &Path) -> Result<RawMap> {
-    let bytes = std::fs::read(path).map_err(io_err(path))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| weights_err(path, e.to_string()))?;
-    let mut out = Vec::new();
-    for (name, view) in st.tensors() {
-        let shape = view.shape().to_vec();
-        let data = view.data();
-        let values = match view.dtype() {
-            Dtype::F32 => Some(bytemuck::pod_collect_to_vec::<u8, f32>(data)),
-            Dtype::F16 => Some(
-                bytemuck::pod_collect_to_vec::<u8, half::f16>(data)
-                    .into_iter()
-                    .map(f32::from)
-                    .collect(),
-            ),
-            Dtype::BF16 => Some(
-                bytemuck::pod_collect_to_vec::<u8, half::bf16>(data)
-                    .into_iter()
-                    .map(f32::from)
-                    .collect(),
-            ),
-            Dtype::F64 => Some(
-                bytemuck::pod_collect_to_vec::<u8, f64>(data)
-                    .into_iter()
-                    .map(|v| v as f32)
-                    .collect(),
-            ),
-            _ => None,
-        };
-        out.push((name, values.map(|d| HostTensor::new(shape, d))));
-    }
-    Ok(out)
+    fedmicse_tensors::safetensors::read_raw(path).map_err(|e| match e {
+        fedmicse_tensors::TensorError::Format { path, message } => {
+            EncoderError::Weights { path, message }
+        }
+        other => other.into(),
+    })
 }
 
 fn read_pytorch(path: &Path) -> Result<RawMap> {
+    use fedmicse_tensors::safetensors::{Dtype, to_f32};
     use pytorch_reader::DType as P;
     let reader =
         pytorch_reader::PytorchReader::new(path).map_err(|e| weights_err(path, e.to_string()))?;
     let mut out = Vec::new();
     for (name, t) in reader.into_tensors() {
-        let shape = t.shape().to_vec();
-        let float = matches!(t.dtype(), P::F32 | P::F16 | P::BF16 | P::F64);
-        if !float {
-            out.push((name, None));
-            continue;
-        }
-        let bytes = t.read().map_err(|e| weights_err(path, e.to_string()))?;
-        let data: Vec<f32> = match t.dtype() {
-            P::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(&bytes),
-            P::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(&bytes)
-                .into_iter()
-                .map(f32::from)
-                .collect(),
-            P::BF16 => bytemuck::pod_collect_to_vec::<u8, half::bf16>(&bytes)
-                .into_iter()
-                .map(f32::from)
-                .collect(),
-            _ => bytemuck::pod_collect_to_vec::<u8, f64>(&bytes)
-                .into_iter()
-                .map(|v| v as f32)
-                .collect(),
+        let dtype = match t.dtype() {
+            P::F32 => Dtype::F32,
+            P::F16 => Dtype::F16,
+            P::BF16 => Dtype::BF16,
+            P::F64 => Dtype::F64,
+            _ => {
+                out.push((name, None));
+                continue;
+            }
         };
-        out.push((name, Some(HostTensor::new(shape, data))));
+        let bytes = t.read().map_err(|e| weights_err(path, e.to_string()))?;
+        out.push((
+            name,
+            to_f32(dtype, &bytes).map(|d| HostTensor::new(t.shape().to_vec(), d)),
+        ));
     }
     Ok(out)
 }
@@ -357,11 +296,11 @@ impl Taker<'_> {
     }
 
     fn table(&mut self, name: &str) -> Param<Tensor<2>> {
-        Param::from_tensor(self.take(name).into_tensor(self.device))
+        Param::from_tensor(to_tensor(self.take(name), self.device))
     }
 
     fn vector(&mut self, name: &str) -> Param<Tensor<1>> {
-        Param::from_tensor(self.take(name).into_tensor(self.device))
+        Param::from_tensor(to_tensor(self.take(name), self.device))
     }
 
     fn norm(&mut self, prefix: &str) -> Norm {
@@ -375,7 +314,7 @@ impl Taker<'_> {
     fn dense(&mut self, prefix: &str) -> Dense {
         let weight = self.take(&format!("{prefix}.weight")).transposed();
         Dense {
-            weight: Param::from_tensor(weight.into_tensor(self.device)),
+            weight: Param::from_tensor(to_tensor(weight, self.device)),
             bias: self.vector(&format!("{prefix}.bias")),
         }
     }
@@ -386,7 +325,7 @@ pub fn model_tensors(model: &BertModel) -> Result<TensorMap> {
     let mut map = TensorMap::new();
     let e = &model.embeddings;
     let put2 = |map: &mut TensorMap, name: String, p: &Param<Tensor<2>>| -> Result<()> {
-        map.insert(name, HostTensor::from_tensor(p.val())?);
+        map.insert(name, host_tensor(p.val())?);
         Ok(())
     };
     put2(
@@ -405,25 +344,16 @@ pub fn model_tensors(model: &BertModel) -> Result<TensorMap> {
         &e.token_type,
     )?;
     let norm = |map: &mut TensorMap, prefix: String, n: &Norm| -> Result<()> {
-        map.insert(
-            format!("{prefix}.weight"),
-            HostTensor::from_tensor(n.gamma.val())?,
-        );
-        map.insert(
-            format!("{prefix}.bias"),
-            HostTensor::from_tensor(n.beta.val())?,
-        );
+        map.insert(format!("{prefix}.weight"), host_tensor(n.gamma.val())?);
+        map.insert(format!("{prefix}.bias"), host_tensor(n.beta.val())?);
         Ok(())
     };
     let dense = |map: &mut TensorMap, prefix: String, d: &Dense| -> Result<()> {
         map.insert(
             format!("{prefix}.weight"),
-            HostTensor::from_tensor(d.weight.val())?.transposed(),
+            host_tensor(d.weight.val())?.transposed(),
         );
-        map.insert(
-            format!("{prefix}.bias"),
-            HostTensor::from_tensor(d.bias.val())?,
-        );
+        map.insert(format!("{prefix}.bias"), host_tensor(d.bias.val())?);
         Ok(())
     };
     norm(&mut map, "embeddings.LayerNorm".into(), &e.norm)?;
@@ -458,15 +388,6 @@ pub fn model_tensors(model: &BertModel) -> Result<TensorMap> {
         dense(&mut map, "pooler.dense".into(), &p.dense)?;
     }
     Ok(map)
-}
-
-/// Whether an HF tensor name is selected by `patterns`: equal to one, or starting with one
-/// that ends in '.'. An empty pattern list selects everything.
-pub fn name_matches(name: &str, patterns: &[String]) -> bool {
-    patterns.is_empty()
-        || patterns
-            .iter()
-            .any(|p| name == p || (p.ends_with('.') && name.starts_with(p.as_str())))
 }
 
 /// Marks parameters whose HF name satisfies `frozen` as not trainable (no gradient, left
@@ -542,65 +463,21 @@ pub fn freeze(mut model: BertModel, frozen: &dyn Fn(&str) -> bool) -> BertModel 
     model
 }
 
-/// Writes tensors as a safetensors file (f32, `format: pt` metadata as `transformers`
-/// requires), atomically: temporary file, fsync, rename.
+/// Writes tensors as a safetensors checkpoint (f32, `format: pt` metadata as
+/// `transformers` requires), atomically.
 pub fn write_safetensors(path: &Path, tensors: &TensorMap) -> Result<()> {
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(name, t)| {
-            let view = safetensors::tensor::TensorView::new(
-                Dtype::F32,
-                t.shape.clone(),
-                bytemuck::cast_slice(&t.data),
-            )
-            .expect("shape matches data");
-            (name.clone(), view)
-        })
-        .collect();
-    let metadata = Some(std::collections::HashMap::from([(
-        "format".to_string(),
-        "pt".to_string(),
-    )]));
-    let bytes =
-        safetensors::serialize(views, metadata).map_err(|e| weights_err(path, e.to_string()))?;
-    write_atomic(path, &bytes)
+    let meta = fedmicse_tensors::safetensors::pt_metadata();
+    Ok(fedmicse_tensors::safetensors::write(path, tensors, &meta)?)
 }
 
-/// Reads a safetensors file of f32 tensors by their stored names (no canonicalisation).
+/// Reads a safetensors file of float tensors by their stored names (no canonicalisation).
 pub fn read_safetensors_map(path: &Path) -> Result<TensorMap> {
-    let mut map = TensorMap::new();
-    for (name, t) in read_safetensors(path)? {
-        let t = t.ok_or_else(|| weights_err(path, format!("{name}: not a float tensor")))?;
-        map.insert(name, t);
-    }
-    Ok(map)
+    Ok(fedmicse_tensors::safetensors::read(path)?)
 }
 
-/// Write to `path.tmp`, fsync, rename over `path`, fsync the directory: a crash leaves the
-/// old file or the new one, never half of one.
+/// See [`fedmicse_tensors::write_atomic`].
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
-    let written = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = written {
-        // A full disk must not be made fuller by what failed to fit.
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io_err(path)(e));
-    }
-    if let Some(dir) = path.parent()
-        && let Ok(d) = std::fs::File::open(dir)
-    {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    Ok(fedmicse_tensors::write_atomic(path, bytes)?)
 }
 
 #[cfg(test)]
@@ -620,14 +497,5 @@ mod tests {
         assert_eq!(canonical_name("cls.predictions.bias"), None);
         assert_eq!(canonical_name("bert.embeddings.position_ids"), None);
         assert_eq!(canonical_name("mlp.dense.weight"), None);
-    }
-
-    #[test]
-    fn transpose_round_trip() {
-        let t = HostTensor::new(vec![2, 3], vec![1., 2., 3., 4., 5., 6.]);
-        let tt = t.transposed();
-        assert_eq!(tt.shape, vec![3, 2]);
-        assert_eq!(tt.data, vec![1., 4., 2., 5., 3., 6.]);
-        assert_eq!(tt.transposed(), t);
     }
 }

@@ -1,7 +1,7 @@
 //! Deltas and their weighted average.
 
 use crate::TensorMap;
-use fedmicse_encoder::HostTensor;
+use fedmicse_tensors::HostTensor;
 
 /// `local − global` for `names` (both maps must hold them with equal shapes).
 pub fn delta(local: &TensorMap, global: &TensorMap, names: &[String]) -> TensorMap {

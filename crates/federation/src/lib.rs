@@ -14,7 +14,7 @@ pub mod task;
 pub mod validate;
 
 pub use aggregate::{WeightedSum, apply_step, delta, l2_norm};
-pub use fedmicse_encoder::{HostTensor, TensorMap};
+pub use fedmicse_tensors::{HostTensor, TensorMap};
 pub use influence::{Influence, StepNorms, StepRefusal, UpdateStats, bound_influence, check_step};
 pub use robust::{ServerHyper, ServerOptimizer, ServerState, Strategy, combine, server_step};
 pub use task::TaskConfig;
@@ -25,7 +25,7 @@ pub use validate::{Refusal, UpdateRules, validate_update};
 pub fn trainable_names(global: &TensorMap, trainable: &[String]) -> Vec<String> {
     global
         .keys()
-        .filter(|name| fedmicse_encoder::weights::name_matches(name, trainable))
+        .filter(|name| fedmicse_tensors::name_matches(name, trainable))
         .cloned()
         .collect()
 }

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::TensorMap;
-use fedmicse_encoder::HostTensor;
+use fedmicse_tensors::HostTensor;
 
 /// How the round's updates are combined into one step, coordinate by coordinate.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -1,6 +1,46 @@
 //! The local training task the coordinator hands to agents each round.
 
+use fedmicse_tensors::ElementType;
 use serde::{Deserialize, Serialize};
+
+/// The local training objective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// InfoNCE plus attention alignment (λ > 0).
+    #[default]
+    Micse,
+    /// InfoNCE alone (λ = 0).
+    Simcse,
+}
+
+impl Objective {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Objective::Micse => "micse",
+            Objective::Simcse => "simcse",
+        }
+    }
+}
+
+impl std::fmt::Display for Objective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Objective {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "micse" => Ok(Objective::Micse),
+            "simcse" => Ok(Objective::Simcse),
+            other => Err(format!(
+                "unknown objective {other:?}: expected \"micse\" or \"simcse\""
+            )),
+        }
+    }
+}
 
 /// Hyper-parameters of a round's local training (the `[task]` table of the coordinator's
 /// configuration). Every field has a default.
@@ -8,7 +48,7 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields, default)]
 pub struct TaskConfig {
     /// "micse" or "simcse".
-    pub objective: String,
+    pub objective: Objective,
     /// Local epochs over the agent's shard per round (ignored when `steps` is set).
     pub epochs: u32,
     /// Local steps per round instead of epochs (0 = use epochs).
@@ -29,13 +69,13 @@ pub struct TaskConfig {
     /// Tensors trained and exchanged (names, or prefixes ending in '.'); empty = all.
     pub trainable: Vec<String>,
     /// Element type of updates on the wire: "f32", or "f16"/"bf16" to halve the upload.
-    pub update_dtype: String,
+    pub update_dtype: ElementType,
 }
 
 impl Default for TaskConfig {
     fn default() -> Self {
         TaskConfig {
-            objective: "micse".into(),
+            objective: Objective::Micse,
             epochs: 1,
             steps: 0,
             batch_size: 64,
@@ -49,7 +89,7 @@ impl Default for TaskConfig {
             max_grad_norm: 1.0,
             seed: 48,
             trainable: Vec::new(),
-            update_dtype: "f32".into(),
+            update_dtype: ElementType::F32,
         }
     }
 }
@@ -77,12 +117,6 @@ pub const MAX_TRAINABLE_NAME: usize = 256;
 
 impl TaskConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if self.objective != "micse" && self.objective != "simcse" {
-            return Err(format!(
-                "task.objective {:?}: expected \"micse\" or \"simcse\"",
-                self.objective
-            ));
-        }
         if self.epochs == 0 && self.steps == 0 {
             return Err("task: set epochs or steps above 0".into());
         }
@@ -139,12 +173,6 @@ impl TaskConfig {
         {
             return Err(format!(
                 "task.trainable: at most {MAX_TRAINABLE} names of 1 to {MAX_TRAINABLE_NAME} bytes"
-            ));
-        }
-        if !matches!(self.update_dtype.as_str(), "f32" | "f16" | "bf16") {
-            return Err(format!(
-                "task.update_dtype {:?}: expected \"f32\", \"f16\" or \"bf16\"",
-                self.update_dtype
             ));
         }
         if !self.ami_layers.is_empty() {

@@ -249,7 +249,7 @@ pub fn validate_update(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedmicse_encoder::HostTensor;
+    use fedmicse_tensors::HostTensor;
 
     #[test]
     fn each_check_refuses_with_its_kind() {

@@ -3,13 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedmicse_encoder::TensorMap;
+use fedmicse_tensors::TensorMap;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
-use crate::pb::ElementType;
 use crate::pb::{
     self, JoinRequest, JoinResponse, LocalMetrics, PullRequest, StatusRequest, StatusResponse,
     SubmitResponse, UpdateChunk, UpdateHeader, federation_client::FederationClient,
@@ -17,6 +16,7 @@ use crate::pb::{
 };
 use crate::tensors::{Assembler, Limits, chunk_tensors_as, digest_as, total_bytes_as};
 use crate::tls::TlsFiles;
+use fedmicse_tensors::ElementType;
 
 /// Adds the client-id header on plaintext connections (ignored by a TLS coordinator).
 #[derive(Clone)]

@@ -1,6 +1,8 @@
 //! Between protocol messages and the crates' own types.
 
 use fedmicse_federation::TaskConfig;
+use fedmicse_federation::task::Objective;
+use fedmicse_tensors::ElementType;
 
 use crate::pb;
 
@@ -11,7 +13,7 @@ impl From<&TaskConfig> for pb::Task {
             _ => (0, 0),
         };
         pb::Task {
-            objective: t.objective.clone(),
+            objective: t.objective.to_string(),
             epochs: if t.steps > 0 { 0 } else { t.epochs },
             steps: t.steps,
             batch_size: t.batch_size,
@@ -26,8 +28,7 @@ impl From<&TaskConfig> for pb::Task {
             max_grad_norm: t.max_grad_norm,
             seed: t.seed,
             trainable: t.trainable.clone(),
-            update_dtype: crate::tensors::parse_dtype(&t.update_dtype)
-                .unwrap_or(pb::ElementType::F32) as i32,
+            update_dtype: t.update_dtype.tag(),
         }
     }
 }
@@ -39,24 +40,19 @@ impl TryFrom<&pb::Task> for TaskConfig {
     type Error = String;
 
     fn try_from(t: &pb::Task) -> Result<Self, String> {
-        let update_dtype = match pb::ElementType::try_from(t.update_dtype) {
-            Ok(pb::ElementType::F32) => "f32",
-            Ok(pb::ElementType::F16) => "f16",
-            Ok(pb::ElementType::Bf16) => "bf16",
-            Err(_) => {
-                return Err(format!(
-                    "task.update_dtype: unknown element type {}",
-                    t.update_dtype
-                ));
-            }
-        };
+        let update_dtype = ElementType::from_tag(t.update_dtype)
+            .ok_or_else(|| format!("task.update_dtype: unknown element type {}", t.update_dtype))?;
+        let objective = t
+            .objective
+            .parse::<Objective>()
+            .map_err(|e| format!("task.objective: {e}"))?;
         // (0, 0) is "the default layers" (what an empty `ami_layers` is sent as).
         let ami_layers = match (t.ami_layer_start, t.ami_layer_end) {
             (0, 0) => Vec::new(),
             (a, b) => vec![a, b],
         };
         let task = TaskConfig {
-            objective: t.objective.clone(),
+            objective,
             epochs: t.epochs,
             steps: t.steps,
             batch_size: t.batch_size,
@@ -70,30 +66,10 @@ impl TryFrom<&pb::Task> for TaskConfig {
             max_grad_norm: t.max_grad_norm,
             seed: t.seed,
             trainable: t.trainable.clone(),
-            update_dtype: update_dtype.into(),
+            update_dtype,
         };
         task.validate()?;
         Ok(task)
-    }
-}
-
-impl From<fedmicse_encoder::Pooling> for pb::Pooling {
-    fn from(p: fedmicse_encoder::Pooling) -> Self {
-        match p {
-            fedmicse_encoder::Pooling::Cls => pb::Pooling::Cls,
-            fedmicse_encoder::Pooling::Mean => pb::Pooling::Mean,
-            fedmicse_encoder::Pooling::Pooler => pb::Pooling::Pooler,
-        }
-    }
-}
-
-impl From<pb::Pooling> for fedmicse_encoder::Pooling {
-    fn from(p: pb::Pooling) -> Self {
-        match p {
-            pb::Pooling::Cls => fedmicse_encoder::Pooling::Cls,
-            pb::Pooling::Mean => fedmicse_encoder::Pooling::Mean,
-            pb::Pooling::Pooler => fedmicse_encoder::Pooling::Pooler,
-        }
     }
 }
 
@@ -111,8 +87,8 @@ mod tests {
         assert_eq!(TaskConfig::try_from(&pb::Task::from(&t)).unwrap(), t);
         let t = TaskConfig {
             steps: 7,
-            update_dtype: "bf16".into(),
-            objective: "simcse".into(),
+            update_dtype: ElementType::Bf16,
+            objective: Objective::Simcse,
             ..Default::default()
         };
         let mut back = TaskConfig::try_from(&pb::Task::from(&t)).unwrap();
@@ -240,7 +216,7 @@ mod tests {
             fn received_tasks_are_valid_or_refused(t in task()) {
                 if let Ok(c) = TaskConfig::try_from(&t) {
                     prop_assert!(c.validate().is_ok());
-                    prop_assert!(pb::ElementType::try_from(t.update_dtype).is_ok());
+                    prop_assert!(fedmicse_tensors::ElementType::from_tag(t.update_dtype).is_some());
                     prop_assert!(c.steps <= fedmicse_federation::task::MAX_STEPS);
                     prop_assert!(c.max_len <= fedmicse_federation::task::MAX_LEN);
                     prop_assert!(c.lr.is_finite() && c.temperature.is_finite());

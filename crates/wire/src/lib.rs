@@ -13,7 +13,7 @@ pub mod pb {
     tonic::include_proto!("fedmicse.v1");
 }
 
-pub use pb::ElementType;
+pub use fedmicse_tensors::ElementType;
 pub use tensors::{Assembler, AssemblyError, CHUNK_BYTES, Limits, chunk_tensors, digest};
 pub use tls::{TlsFiles, peer_identity};
 

@@ -6,74 +6,19 @@
 //! receiver after the last chunk, so a corrupted or truncated stream is refused whole.
 
 use bytes::Bytes;
-use fedmicse_encoder::{HostTensor, TensorMap};
+use fedmicse_tensors::digest::{decode, encode, hash_header};
+pub use fedmicse_tensors::digest::{digest, digest_as, total_bytes_as};
+use fedmicse_tensors::{ElementType as DType, HostTensor, TensorMap};
 use sha2::{Digest, Sha256};
 
-use crate::pb::{ElementType as DType, TensorChunk};
+use crate::pb::TensorChunk;
 
 /// Payload bytes per chunk (1 MiB: far under gRPC's 4 MiB message limit).
 pub const CHUNK_BYTES: usize = 1 << 20;
 
-/// The canonical digest of a tensor set sent as f32 (name order).
-pub fn digest(map: &TensorMap) -> Vec<u8> {
-    digest_as(map, DType::F32)
-}
-
-/// The digest of a tensor set as sent in `dtype` (the bytes on the wire are hashed).
-pub fn digest_as(map: &TensorMap, dtype: DType) -> Vec<u8> {
-    let mut h = Sha256::new();
-    for (name, t) in map {
-        hash_header(&mut h, name, &t.shape, dtype);
-        h.update(encode(&t.data, dtype));
-    }
-    h.finalize().to_vec()
-}
-
-/// Little-endian bytes of `data` in `dtype`.
-pub fn encode(data: &[f32], dtype: DType) -> std::borrow::Cow<'_, [u8]> {
-    match dtype {
-        DType::F32 => std::borrow::Cow::Borrowed(bytemuck::cast_slice(data)),
-        DType::F16 => std::borrow::Cow::Owned(
-            data.iter()
-                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
-                .collect(),
-        ),
-        DType::Bf16 => std::borrow::Cow::Owned(
-            data.iter()
-                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
-                .collect(),
-        ),
-    }
-}
-
-/// Parses "f32", "f16" or "bf16".
-pub fn parse_dtype(s: &str) -> Option<DType> {
-    match s {
-        "f32" => Some(DType::F32),
-        "f16" => Some(DType::F16),
-        "bf16" => Some(DType::Bf16),
-        _ => None,
-    }
-}
-
-fn hash_header(h: &mut Sha256, name: &str, shape: &[usize], dtype: DType) {
-    h.update(name.as_bytes());
-    h.update([0u8]);
-    for &d in shape {
-        h.update((d as u64).to_le_bytes());
-    }
-    h.update([dtype as i32 as u8]);
-}
-
 /// Total payload bytes of a tensor set sent as f32.
 pub fn total_bytes(map: &TensorMap) -> u64 {
     total_bytes_as(map, DType::F32)
-}
-
-pub fn total_bytes_as(map: &TensorMap, dtype: DType) -> u64 {
-    map.values()
-        .map(|t| t.data.len() as u64 * elem_size(dtype))
-        .sum()
 }
 
 /// The chunks of a tensor set as f32, in order, made lazily.
@@ -84,7 +29,7 @@ pub fn chunk_tensors(map: &TensorMap) -> impl Iterator<Item = TensorChunk> + '_ 
 /// The chunks of a tensor set in `dtype`, in order, made lazily: one chunk's bytes exist
 /// at a time, so streaming a model costs a chunk of memory, not a copy of the model.
 pub fn chunk_tensors_as(map: &TensorMap, dtype: DType) -> impl Iterator<Item = TensorChunk> + '_ {
-    let per_chunk = CHUNK_BYTES / elem_size(dtype) as usize;
+    let per_chunk = CHUNK_BYTES / dtype.size();
     map.iter().flat_map(move |(name, t)| {
         let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
         // A zero-sized tensor still gets one (empty) chunk so its name and shape arrive.
@@ -95,8 +40,8 @@ pub fn chunk_tensors_as(map: &TensorMap, dtype: DType) -> impl Iterator<Item = T
             TensorChunk {
                 name: name.clone(),
                 shape: shape.clone(),
-                dtype: dtype as i32,
-                offset: start as u64 * elem_size(dtype),
+                dtype: dtype.tag(),
+                offset: (start * dtype.size()) as u64,
                 data: Bytes::from(encode(&t.data[start..end], dtype).into_owned()),
             }
         })
@@ -223,8 +168,7 @@ impl Assembler {
             if self.tensors.len() >= self.limits.max_tensors {
                 return Err(AssemblyError::TooManyTensors(self.limits.max_tensors));
             }
-            let dtype = DType::try_from(chunk.dtype)
-                .ok()
+            let dtype = DType::from_tag(chunk.dtype)
                 .filter(|d| self.limits.dtype.is_none_or(|want| want == *d))
                 .ok_or_else(|| AssemblyError::DType {
                     name: chunk.name.clone(),
@@ -240,7 +184,7 @@ impl Assembler {
                 })?;
             let expected =
                 elems
-                    .checked_mul(elem_size(dtype))
+                    .checked_mul(dtype.size() as u64)
                     .ok_or_else(|| AssemblyError::Malformed {
                         name: chunk.name.clone(),
                     })?;
@@ -265,7 +209,7 @@ impl Assembler {
             });
         }
         let p = self.pending.as_mut().expect("pending tensor");
-        if chunk.shape != p.shape || chunk.dtype != p.dtype as i32 {
+        if chunk.shape != p.shape || chunk.dtype != p.dtype.tag() {
             return Err(AssemblyError::ShapeChanged {
                 name: chunk.name,
                 first: p.shape.clone(),
@@ -306,17 +250,7 @@ impl Assembler {
                 expected: p.expected,
             });
         }
-        let data: Vec<f32> = match p.dtype {
-            DType::F32 => bytemuck::pod_collect_to_vec(&p.buf),
-            DType::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(&p.buf)
-                .into_iter()
-                .map(f32::from)
-                .collect(),
-            DType::Bf16 => bytemuck::pod_collect_to_vec::<u8, half::bf16>(&p.buf)
-                .into_iter()
-                .map(f32::from)
-                .collect(),
-        };
+        let data = decode(&p.buf, p.dtype).expect("length checked against the shape");
         self.tensors
             .insert(p.name, HostTensor::new(to_usize(&p.shape), data));
         Ok(())
@@ -347,13 +281,6 @@ impl Assembler {
             });
         }
         Ok(self.tensors)
-    }
-}
-
-fn elem_size(d: DType) -> u64 {
-    match d {
-        DType::F32 => 4,
-        DType::F16 | DType::Bf16 => 2,
     }
 }
 
