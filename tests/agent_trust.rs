@@ -170,7 +170,7 @@ fn agent_config(certs: &Path, port: u16) -> AgentConfig {
     AgentConfig {
         coordinator: format!("https://127.0.0.1:{port}"),
         server_name: Some("localhost".into()),
-        tls: Some(fedmicse_agent::config::TlsPaths {
+        tls: Some(fedmicse_wire::TlsFiles {
             ca: certs.join("ca.pem"),
             cert: certs.join("a.pem"),
             key: certs.join("a.key"),
@@ -245,7 +245,12 @@ async fn run_against(
     ]
     .map(String::from)
     .to_vec();
-    let agent = Agent::new(&config, shard).unwrap();
+    let agent = Agent::new(
+        &config,
+        shard,
+        std::sync::Arc::new(fedmicse_training::BurnTrainer::new("cpu").unwrap()),
+    )
+    .unwrap();
     let metrics = agent.metrics.clone();
     let (stop_tx, stop_agent) = tokio::sync::watch::channel(false);
     let running = tokio::spawn(agent.run(stop_agent));

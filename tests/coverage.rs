@@ -504,3 +504,100 @@ async fn only_the_newest_checkpoints_are_kept() {
         assert_eq!(&model.tensors[name], t, "{name} loaded");
     }
 }
+
+/// A trainer that needs no model: every value moves by +0.25, on every tensor it is given
+/// (the agent, not the trainer, decides what is sent). It remembers what it was asked.
+struct Shift {
+    calls: std::sync::Mutex<Vec<(usize, Vec<String>)>>,
+}
+
+impl fedmicse_runtime::LocalTrainer for Shift {
+    fn train(
+        &self,
+        start: fedmicse_runtime::ModelParts<'_>,
+        shard: &[String],
+        task: &fedmicse_federation::TaskConfig,
+        _seed: u64,
+    ) -> Result<(TensorMap, fedmicse_runtime::TrainReport), fedmicse_runtime::RuntimeError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push((shard.len(), task.trainable.clone()));
+        assert!(start.files.iter().any(|(n, _)| n == "config.json"));
+        let report = fedmicse_runtime::TrainReport {
+            steps: 3,
+            mean_loss: 1.5,
+            ..Default::default()
+        };
+        Ok((scaled_plus(start.tensors, 0.25), report))
+    }
+}
+
+fn scaled_plus(map: &TensorMap, add: f32) -> TensorMap {
+    map.iter()
+        .map(|(n, t)| {
+            let data = t.data.iter().map(|x| x + add).collect();
+            (n.clone(), HostTensor::new(t.shape.clone(), data))
+        })
+        .collect()
+}
+
+/// The agent's own logic over the real stack, with a fake trainer: it sends exactly
+/// trained − global for the task's trainable tensors and nothing else, and the committed
+/// model is the global one moved by that delta.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agent_sends_trained_minus_global_for_the_trainable_tensors_only() {
+    let ids = ["a"];
+    let fed = federation(&ids);
+    let mut config = fed.config(&ids);
+    config.task.trainable = vec!["encoder.layer.1.".into()];
+    config.updates = UpdateRules::none();
+    let running = start(config).await;
+    let global = running.global().tensors.clone();
+    let trainer = Arc::new(Shift {
+        calls: Default::default(),
+    });
+    let agent_config = fedmicse_agent::AgentConfig {
+        coordinator: format!("https://127.0.0.1:{}", running.addr.port()),
+        server_name: Some("localhost".into()),
+        tls: Some(fedmicse_wire::TlsFiles::in_dir(&fed.certs, "a")),
+        plaintext_client_id: None,
+        data: fedmicse_agent::config::DataConfig {
+            file: "(in memory)".into(),
+            sample: None,
+            seed: 1,
+        },
+        device: "cpu".into(),
+        retry: Default::default(),
+        http: Default::default(),
+        limits: Default::default(),
+    };
+    let shard: Vec<String> = (0..5).map(|i| format!("sentence {i}")).collect();
+    let agent = fedmicse_agent::Agent::new(&agent_config, shard, trainer.clone()).unwrap();
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    let report = tokio::spawn(agent.run(stop_rx));
+    finish(&running, 60).await;
+    let report = report.await.unwrap().unwrap();
+    assert_eq!(report.rounds_trained, vec![1]);
+    assert_eq!(
+        *trainer.calls.lock().unwrap(),
+        vec![(5, vec!["encoder.layer.1.".to_string()])]
+    );
+    let committed = &running.global().tensors;
+    let mut moved = 0;
+    for (name, w) in &global {
+        let trainable = name.starts_with("encoder.layer.1.");
+        let want = if trainable {
+            scaled_plus(&TensorMap::from([(name.clone(), w.clone())]), 0.25)[name].clone()
+        } else {
+            w.clone()
+        };
+        let got = &committed[name];
+        assert!(
+            max_abs_diff(&got.data, &want.data) <= 1e-6,
+            "{name} (trainable: {trainable})"
+        );
+        moved += trainable as usize;
+    }
+    assert!(moved >= 4, "only {moved} trainable tensors");
+}

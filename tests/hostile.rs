@@ -51,7 +51,6 @@ fn constant_delta(global: &TensorMap, value: f32) -> TensorMap {
         .collect()
 }
 
-/// The generated gRPC client over mTLS as `id`, for calls our own client would not make.
 /// Whether the peer closes `s` within `limit` (EOF or an error on read).
 async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> bool {
     let mut buf = [0u8; 256];

@@ -83,7 +83,7 @@ async fn metrics_http_api_status_and_agent_metrics() {
     let cfg = AgentConfig {
         coordinator: format!("https://127.0.0.1:{}", running.addr.port()),
         server_name: Some("localhost".into()),
-        tls: Some(fedmicse_agent::config::TlsPaths {
+        tls: Some(fedmicse_wire::TlsFiles {
             ca: certs.join("ca.pem"),
             cert: certs.join("real.pem"),
             key: certs.join("real.key"),
@@ -101,7 +101,12 @@ async fn metrics_http_api_status_and_agent_metrics() {
         },
         limits: Default::default(),
     };
-    let agent = Agent::new(&cfg, shard).unwrap();
+    let agent = Agent::new(
+        &cfg,
+        shard,
+        std::sync::Arc::new(fedmicse_training::BurnTrainer::new("cpu").unwrap()),
+    )
+    .unwrap();
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let real = tokio::spawn(agent.run(stop_rx));
     let mut fake = connect(running.addr, &certs, "fake");

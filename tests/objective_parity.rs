@@ -3,8 +3,8 @@
 
 mod common;
 
+use burn::tensor::{Device, Tensor, TensorData};
 use common::*;
-use fedmicse_encoder::burn::tensor::{Device, Tensor, TensorData};
 use fedmicse_training::objective::{
     AmiStatus, ObjectiveConfig, SamplePlan, ValidMask, attention_rows, micse_loss, plan_samples,
 };

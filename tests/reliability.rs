@@ -154,7 +154,7 @@ impl Fed {
             let agent = AgentConfig {
                 coordinator: format!("https://127.0.0.1:{port}"),
                 server_name: Some("localhost".into()),
-                tls: Some(fedmicse_agent::config::TlsPaths {
+                tls: Some(fedmicse_wire::TlsFiles {
                     ca: certs.join("ca.pem"),
                     cert: certs.join(format!("{id}.pem")),
                     key: certs.join(format!("{id}.key")),

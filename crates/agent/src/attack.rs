@@ -10,7 +10,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedmicse_encoder::TensorMap;
+use fedmicse_tensors::TensorMap;
 use fedmicse_wire::client::Target;
 use fedmicse_wire::pb::{self, LocalMetrics, UpdateChunk, UpdateHeader, update_chunk};
 use fedmicse_wire::tensors::{digest_as, total_bytes_as};
@@ -254,7 +254,7 @@ async fn stall(target: &Target, header: UpdateHeader) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedmicse_encoder::HostTensor;
+    use fedmicse_tensors::HostTensor;
 
     fn delta() -> TensorMap {
         let mut m = TensorMap::new();

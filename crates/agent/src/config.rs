@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use fedmicse_federation::config_file::{ConfigError, base_of, load_toml, resolve};
+use fedmicse_wire::TlsFiles;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -15,7 +17,7 @@ pub struct AgentConfig {
     pub server_name: Option<String>,
     /// Required for https.
     #[serde(default)]
-    pub tls: Option<TlsPaths>,
+    pub tls: Option<TlsFiles>,
     /// Client id sent in a header over plaintext (with TLS the certificate says who we are).
     #[serde(default)]
     pub plaintext_client_id: Option<String>,
@@ -79,16 +81,6 @@ pub struct HttpConfig {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TlsPaths {
-    /// The federation CA (verifies the coordinator).
-    pub ca: PathBuf,
-    /// This agent's certificate and key (its common name is the client id).
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// The silo's sentences, one per line. They never leave this machine.
     pub file: PathBuf,
@@ -125,24 +117,15 @@ fn d_seed() -> u64 {
 }
 
 impl AgentConfig {
-    pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut c: AgentConfig =
-            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        };
-        fix(&mut c.data.file);
+    /// Reads, resolves (paths relative to the file) and checks `agent.toml`.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let mut c: AgentConfig = load_toml(path)?;
+        let base = base_of(path);
+        resolve(base, &mut c.data.file);
         if let Some(t) = &mut c.tls {
-            fix(&mut t.ca);
-            fix(&mut t.cert);
-            fix(&mut t.key);
+            t.resolve(base);
         }
-        c.validate()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        c.validate().map_err(|e| ConfigError::new(path, e))?;
         Ok(c)
     }
 

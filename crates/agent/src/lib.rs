@@ -5,21 +5,34 @@
 
 pub mod attack;
 pub mod config;
-pub mod local;
 pub mod metrics;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedmicse_encoder::{Encoder, TensorMap, parse_device};
 use fedmicse_federation::{TaskConfig, delta, trainable_names};
-use fedmicse_training::MlpHead;
+use fedmicse_runtime::{LocalTrainer, ModelParts, TrainReport};
+use fedmicse_tensors::TensorMap;
 use fedmicse_wire::client::{Connection, PullError, PulledModel, Target};
 use fedmicse_wire::pb::{self, LocalMetrics};
 use tokio::sync::{Semaphore, watch};
 use tonic::Code;
 
 pub use config::AgentConfig;
+
+/// Why an agent could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Config(String),
+    #[error("connecting: {0}")]
+    Connect(String),
+    #[error("HTTP listen: {0}")]
+    Http(String),
+    /// Revoked, not on the allowlist, a certificate the coordinator does not accept.
+    #[error("coordinator refused us: {0}")]
+    Refused(String),
+}
 
 /// What an agent did, for logs and simulations.
 #[derive(Debug, Clone, Default)]
@@ -44,7 +57,8 @@ struct Pending {
 pub struct Agent {
     target: Target,
     shard: Arc<Vec<String>>,
-    device: fedmicse_encoder::burn::tensor::Device,
+    /// What trains: burn in the binary, a fake in tests of the agent's logic.
+    trainer: Arc<dyn LocalTrainer>,
     retry: config::RetryConfig,
     /// Limits how many agents of a process train at once (simulation mode).
     train_gate: Option<Arc<Semaphore>>,
@@ -130,15 +144,14 @@ impl Drop for AbortOnDrop {
 }
 
 impl Agent {
-    /// An agent for `shard` (already read and sampled).
-    pub fn new(config: &AgentConfig, shard: Vec<String>) -> Result<Self, String> {
-        config.validate()?;
-        let tls = config.tls.as_ref().map(|t| fedmicse_wire::TlsFiles {
-            ca: t.ca.clone(),
-            cert: t.cert.clone(),
-            key: t.key.clone(),
-        });
-        let device = parse_device(&config.device).map_err(|e| e.to_string())?;
+    /// An agent for `shard` (already read and sampled) that trains with `trainer`.
+    pub fn new(
+        config: &AgentConfig,
+        shard: Vec<String>,
+        trainer: Arc<dyn LocalTrainer>,
+    ) -> Result<Self, AgentError> {
+        config.validate().map_err(AgentError::Config)?;
+        let tls = config.tls.clone();
         Ok(Agent {
             name: config
                 .plaintext_client_id
@@ -156,7 +169,7 @@ impl Agent {
                 plaintext_client_id: config.plaintext_client_id.clone(),
             },
             shard: Arc::new(shard),
-            device,
+            trainer,
             retry: config.retry.clone(),
             train_gate: None,
             http: config.http.listen,
@@ -186,12 +199,15 @@ impl Agent {
 
     /// Runs until the federation is done, `stop` is set, or a permanent error (refused
     /// identity) occurs.
-    pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<AgentReport, String> {
+    pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<AgentReport, AgentError> {
         if let Some(listen) = self.http {
-            let addr = metrics::serve(listen, self.metrics.clone()).await?;
+            let addr = metrics::serve(listen, self.metrics.clone())
+                .await
+                .map_err(AgentError::Http)?;
             tracing::info!(%addr, "agent HTTP listening (/health, /metrics)");
         }
-        let mut conn = Connection::new(&self.target)?;
+        let mut conn =
+            Connection::new(&self.target).map_err(|e| AgentError::Connect(e.to_string()))?;
         let mut report = AgentReport {
             client_id: self.name.clone(),
             ..Default::default()
@@ -204,9 +220,7 @@ impl Agent {
             }
             let wait = match conn.join(self.join_shard_size()).await {
                 Err(status) => match RoundError::from(status) {
-                    RoundError::Permanent(why) => {
-                        return Err(format!("coordinator refused us: {why}"));
-                    }
+                    RoundError::Permanent(why) => return Err(AgentError::Refused(why)),
                     e => {
                         let w = backoff.next_wait();
                         tracing::warn!(agent = %self.name, error = ?e, retry_in_ms = w.as_millis() as u64, "coordinator unreachable");
@@ -231,7 +245,7 @@ impl Agent {
                                     Duration::ZERO
                                 }
                                 Err(RoundError::Permanent(why)) => {
-                                    return Err(format!("coordinator refused us: {why}"));
+                                    return Err(AgentError::Refused(why));
                                 }
                                 Err(RoundError::UpdateRefused(why)) => {
                                     self.metrics.failures.inc();
@@ -311,7 +325,7 @@ impl Agent {
             tracing::info!(agent = %report.client_id, round = resp.round, bytes = pulled.bytes, "pulled the global model");
             let seed = round_seed(task.seed, &report.client_id, resp.round);
             let shard = self.shard.clone();
-            let device = self.device.clone();
+            let trainer = self.trainer.clone();
             let gate = self.train_gate.clone();
             let task2 = task.clone();
             let _permit = match &gate {
@@ -324,11 +338,11 @@ impl Agent {
                 None => None,
             };
             let (delta, metrics) = tokio::task::spawn_blocking(move || {
-                train_round(pulled, &shard, &task2, seed, &device)
+                train_round(trainer.as_ref(), pulled, &shard, &task2, seed)
             })
             .await
             .map_err(|e| RoundError::Temporary(e.to_string()))?
-            .map_err(RoundError::Temporary)?;
+            .map_err(|e| RoundError::Temporary(e.to_string()))?;
             tracing::info!(agent = %report.client_id, round = resp.round, steps = metrics.steps, mean_loss = metrics.mean_loss, seconds = format!("{:.1}", metrics.seconds), "trained locally");
             self.metrics.steps.inc_by(metrics.steps as u64);
             self.metrics.loss.set(metrics.mean_loss);
@@ -415,33 +429,32 @@ fn round_seed(base: u64, id: &str, round: u64) -> u64 {
     base ^ h ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
-/// Builds the pulled model, trains it on the shard and returns the delta of the trainable
-/// tensors.
+/// Trains the pulled model on the shard and returns the delta of the trainable tensors.
 fn train_round(
+    trainer: &dyn LocalTrainer,
     pulled: PulledModel,
     shard: &[String],
     task: &TaskConfig,
     seed: u64,
-    device: &fedmicse_encoder::burn::tensor::Device,
-) -> Result<(TensorMap, LocalMetrics), String> {
+) -> Result<(TensorMap, LocalMetrics), fedmicse_runtime::RuntimeError> {
     let global = pulled.tensors;
     let names = trainable_names(&global, &task.trainable);
-    let encoder_tensors: TensorMap = global
-        .iter()
-        .filter(|(n, _)| !n.starts_with("mlp."))
-        .map(|(n, t)| (n.clone(), t.clone()))
-        .collect();
-    let head_tensors: TensorMap = global
-        .iter()
-        .filter(|(n, _)| n.starts_with("mlp."))
-        .map(|(n, t)| (n.clone(), t.clone()))
-        .collect();
-    let encoder =
-        Encoder::from_memory(pulled.files, encoder_tensors, device).map_err(|e| e.to_string())?;
-    let head = MlpHead::from_tensors(&head_tensors, encoder.config.hidden_size, device)
-        .map_err(|e| e.to_string())?;
-    let (trained, metrics) = local::train_locally(&encoder, head, shard, task, seed)?;
-    Ok((delta(&trained, &global, &names), metrics))
+    let start = ModelParts {
+        tensors: &global,
+        files: &pulled.files,
+    };
+    let (trained, report) = trainer.train(start, shard, task, seed)?;
+    Ok((delta(&trained, &global, &names), local_metrics(report)))
+}
+
+fn local_metrics(r: TrainReport) -> LocalMetrics {
+    LocalMetrics {
+        steps: r.steps,
+        mean_loss: r.mean_loss,
+        last_loss: r.last_loss,
+        mean_ami: r.mean_ami,
+        seconds: r.seconds,
+    }
 }
 
 #[cfg(test)]

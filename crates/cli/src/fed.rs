@@ -122,7 +122,7 @@ pub struct AgentCmd {
 }
 
 pub fn run_agent(cmd: AgentCmd) -> Result<()> {
-    let config = AgentConfig::from_file(&cmd.config).map_err(anyhow::Error::msg)?;
+    let config = AgentConfig::from_file(&cmd.config)?;
     let mut shard = read_sentences(&config.data.file)?;
     if let Some(n) = config.data.sample {
         shard = sample(&shard, n, config.data.seed);
@@ -134,7 +134,8 @@ pub fn run_agent(cmd: AgentCmd) -> Result<()> {
         );
     }
     tracing::info!(sentences = shard.len(), coordinator = %config.coordinator, "agent starting");
-    let agent = Agent::new(&config, shard).map_err(anyhow::Error::msg)?;
+    let trainer = std::sync::Arc::new(fedmicse_training::BurnTrainer::new(&config.device)?);
+    let agent = Agent::new(&config, shard, trainer)?;
     let rt = runtime()?;
     rt.block_on(async move {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -142,7 +143,7 @@ pub fn run_agent(cmd: AgentCmd) -> Result<()> {
             shutdown_signal().await;
             let _ = stop_tx.send(true);
         });
-        let report = agent.run(stop_rx).await.map_err(anyhow::Error::msg)?;
+        let report = agent.run(stop_rx).await?;
         tracing::info!(rounds = ?report.rounds_trained, bytes_up = report.bytes_up, bytes_down = report.bytes_down, "agent finished");
         Ok(())
     })

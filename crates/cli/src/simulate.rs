@@ -496,13 +496,14 @@ pub fn run_simulate(cmd: SimulateCmd) -> Result<()> {
         let running = coordinator.serve(listener).await.map_err(anyhow::Error::msg)?;
         let port = running.addr.port();
         let gate = Arc::new(tokio::sync::Semaphore::new(c.max_concurrent_training));
+        let trainer = Arc::new(fedmicse_training::BurnTrainer::new(&c.device)?);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut agents = Vec::new();
         for (id, shard) in ids.iter().zip(shards) {
             let cfg = AgentConfig {
                 coordinator: format!("https://127.0.0.1:{port}"),
                 server_name: Some("localhost".into()),
-                tls: Some(fedmicse_agent::config::TlsPaths {
+                tls: Some(fedmicse_wire::TlsFiles {
                     ca: certs_dir.join("ca.pem"),
                     cert: certs_dir.join(format!("{id}.pem")),
                     key: certs_dir.join(format!("{id}.key")),
@@ -518,9 +519,8 @@ pub fn run_simulate(cmd: SimulateCmd) -> Result<()> {
                 http: Default::default(),
                 limits: Default::default(),
             };
-            let mut agent = Agent::new(&cfg, shard)
-                .map_err(anyhow::Error::msg)?
-                .with_train_gate(gate.clone());
+            let mut agent =
+                Agent::new(&cfg, shard, trainer.clone())?.with_train_gate(gate.clone());
             if let Some(a) = hostile
                 && byzantine.contains(id)
             {

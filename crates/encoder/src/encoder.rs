@@ -1,7 +1,6 @@
 //! The sentence encoder: a checkpoint directory in, sentence vectors out.
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use burn::tensor::{Device, Tensor};
 
@@ -11,63 +10,7 @@ use crate::model::{BatchTensors, BertModel};
 use crate::tokenize::{TextTokenizer, Tokens};
 use crate::weights::{self, TensorMap};
 
-/// How a sentence vector is read off the last hidden state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Pooling {
-    /// The `[CLS]` token's hidden state (miCSE's embedding).
-    #[default]
-    Cls,
-    /// Attention-masked mean over the real tokens (sentence-transformers).
-    Mean,
-    /// BERT's pooler, `tanh(W h_cls + b)`; needs the checkpoint's pooler weights.
-    Pooler,
-}
-
-impl FromStr for Pooling {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "cls" => Ok(Pooling::Cls),
-            "mean" => Ok(Pooling::Mean),
-            "pooler" => Ok(Pooling::Pooler),
-            other => Err(format!(
-                "unknown pooling {other:?}: expected cls, mean or pooler"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for Pooling {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Pooling::Cls => "cls",
-            Pooling::Mean => "mean",
-            Pooling::Pooler => "pooler",
-        })
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct EmbedOptions {
-    pub pooling: Pooling,
-    /// Divide each vector by its L2 norm.
-    pub normalize: bool,
-    /// Tokens per sentence, special tokens included; `None` = the model's maximum positions.
-    pub max_len: Option<usize>,
-    /// Sentences per forward pass.
-    pub batch_size: usize,
-}
-
-impl Default for EmbedOptions {
-    fn default() -> Self {
-        EmbedOptions {
-            pooling: Pooling::Cls,
-            normalize: false,
-            max_len: None,
-            batch_size: 64,
-        }
-    }
-}
+pub use fedmicse_runtime::{EmbedOptions, Pooling};
 
 /// Tokenizer-side files copied verbatim into a saved checkpoint.
 const TOKENIZER_FILES: &[&str] = &[
@@ -207,14 +150,7 @@ impl Encoder {
 
     /// Same tokenizer and config, other weights (checked against the config).
     pub fn with_tensors(&self, tensors: TensorMap) -> Result<Self> {
-        Ok(Encoder {
-            model: weights::build_model(&self.config, tensors, &self.device)?,
-            tokenizer: self.tokenizer.clone(),
-            config: self.config.clone(),
-            device: self.device.clone(),
-            tokenizer_files: self.tokenizer_files.clone(),
-            pad_multiple: self.pad_multiple,
-        })
+        Ok(self.with_model(weights::build_model(&self.config, tensors, &self.device)?))
     }
 
     /// Same tokenizer and config, another model.
@@ -231,14 +167,11 @@ impl Encoder {
 
     /// The same encoder with its weights copied to `device`.
     pub fn to_device(&self, device: &Device) -> Self {
-        Encoder {
-            model: burn::module::Module::to_device(self.model.clone(), device),
-            tokenizer: self.tokenizer.clone(),
-            config: self.config.clone(),
-            device: device.clone(),
-            tokenizer_files: self.tokenizer_files.clone(),
-            pad_multiple: crate::device::pad_multiple(device),
-        }
+        let mut moved =
+            self.with_model(burn::module::Module::to_device(self.model.clone(), device));
+        moved.device = device.clone();
+        moved.pad_multiple = crate::device::pad_multiple(device);
+        moved
     }
 
     pub fn device(&self) -> &Device {

@@ -15,7 +15,6 @@ pub mod model;
 pub mod tokenize;
 pub mod weights;
 
-pub use burn;
 pub use config::BertConfig;
 pub use device::parse_device;
 pub use encoder::{

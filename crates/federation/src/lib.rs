@@ -7,6 +7,7 @@
 //! `W ← W + η · Σ nᵢΔᵢ / Σ nᵢ`.
 
 pub mod aggregate;
+pub mod config_file;
 pub mod influence;
 pub mod partition;
 pub mod robust;

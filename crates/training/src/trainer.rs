@@ -28,6 +28,8 @@ pub struct MlpHead {
 }
 
 pub const HEAD_FILE: &str = "training_head.safetensors";
+/// Tensors of the training head are named under this prefix, beside the encoder's.
+pub const HEAD_PREFIX: &str = "mlp.";
 const HEAD_W: &str = "mlp.dense.weight";
 const HEAD_B: &str = "mlp.dense.bias";
 

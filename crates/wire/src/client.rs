@@ -108,22 +108,13 @@ pub fn check_model_header(header: &pb::ModelHeader, limits: &PullLimits) -> Resu
 
 /// Why a pull failed: the call itself, or a model this side refuses (beyond its limits,
 /// or not what its own header declared).
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum PullError {
+    #[error("{:?}: {}", .0.code(), .0.message())]
     Status(Status),
+    #[error("model refused: {0}")]
     Refused(String),
 }
-
-impl std::fmt::Display for PullError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PullError::Status(s) => write!(f, "{:?}: {}", s.code(), s.message()),
-            PullError::Refused(why) => write!(f, "model refused: {why}"),
-        }
-    }
-}
-
-impl std::error::Error for PullError {}
 
 impl From<Status> for PullError {
     fn from(s: Status) -> Self {
@@ -158,11 +149,22 @@ pub struct Target {
     pub plaintext_client_id: Option<String>,
 }
 
+/// Why a connection could not even be set up (nothing was sent yet).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("coordinator URL {0:?}: {1}")]
+    Url(String, String),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("client id {0:?} is not a valid header value")]
+    ClientId(String),
+}
+
 impl Connection {
     /// A lazily connecting channel: calls fail (and reconnect) instead of `connect`.
-    pub fn new(target: &Target) -> Result<Self, String> {
+    pub fn new(target: &Target) -> Result<Self, ConnectError> {
         let mut endpoint = Endpoint::from_shared(target.url.clone())
-            .map_err(|e| format!("coordinator URL {:?}: {e}", target.url))?
+            .map_err(|e| ConnectError::Url(target.url.clone(), e.to_string()))?
             .connect_timeout(Duration::from_secs(10))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20))
@@ -172,15 +174,12 @@ impl Connection {
             endpoint = endpoint
                 .tls_config(
                     tls.client_config(&target.domain)
-                        .map_err(|e| e.to_string())?,
+                        .map_err(|e| ConnectError::Tls(e.to_string()))?,
                 )
-                .map_err(|e| format!("TLS: {e}"))?;
+                .map_err(|e| ConnectError::Tls(e.to_string()))?;
         }
         let id = match &target.plaintext_client_id {
-            Some(s) => Some(
-                s.parse()
-                    .map_err(|_| format!("client id {s:?} is not a valid header value"))?,
-            ),
+            Some(s) => Some(s.parse().map_err(|_| ConnectError::ClientId(s.clone()))?),
             None => None,
         };
         let channel = endpoint.connect_lazy();

@@ -14,15 +14,26 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// PEM files of one party: the federation CA, its own certificate and private key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// PEM files of one party: the federation CA, its own certificate and private key (the
+/// `[tls]` table of the coordinator's and the agents' configuration).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TlsFiles {
+    /// The federation CA: verifies the other side.
     pub ca: PathBuf,
+    /// This party's certificate (an agent's common name is its client id) and its key.
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
 impl TlsFiles {
+    /// Makes relative paths relative to `base` (the folder of the configuration file).
+    pub fn resolve(&mut self, base: &Path) {
+        for p in [&mut self.ca, &mut self.cert, &mut self.key] {
+            fedmicse_federation::config_file::resolve(base, p);
+        }
+    }
+
     /// `DIR/ca.pem`, `DIR/NAME.pem`, `DIR/NAME.key` — the layout `fedmicse certs` writes.
     pub fn in_dir(dir: &Path, name: &str) -> Self {
         TlsFiles {

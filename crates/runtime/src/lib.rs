@@ -1,0 +1,138 @@
+//! The model runtime as the federation sees it.
+//!
+//! Agents and the coordinator move weights around and decide what to train; computing
+//! with a model is someone else's job. This crate names that job in small types and a
+//! trait, so the federation crates build and test without burn:
+//!
+//! - [`Pooling`] and [`EmbedOptions`]: how sentence vectors are read off a model.
+//! - [`LocalTrainer`]: train from given weights on a shard of sentences and hand back
+//!   the trained weights. `fedmicse_training::local::BurnTrainer` is the real one; tests
+//!   of agent logic use a fake that answers in microseconds.
+//!
+//! Dependency direction: `tensors` ← `federation` ← `runtime` ← `agent`; the binary wires
+//! `training`'s implementation into the agent.
+
+use std::str::FromStr;
+
+use fedmicse_federation::TaskConfig;
+use fedmicse_tensors::TensorMap;
+
+/// How a sentence vector is read off the last hidden state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pooling {
+    /// The `[CLS]` token's hidden state (miCSE's embedding).
+    #[default]
+    Cls,
+    /// Attention-masked mean over the real tokens (sentence-transformers).
+    Mean,
+    /// BERT's pooler, `tanh(W h_cls + b)`; needs the checkpoint's pooler weights.
+    Pooler,
+}
+
+impl FromStr for Pooling {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cls" => Ok(Pooling::Cls),
+            "mean" => Ok(Pooling::Mean),
+            "pooler" => Ok(Pooling::Pooler),
+            other => Err(format!(
+                "unknown pooling {other:?}: expected cls, mean or pooler"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Pooling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Pooling::Cls => "cls",
+            Pooling::Mean => "mean",
+            Pooling::Pooler => "pooler",
+        })
+    }
+}
+
+/// How to embed sentences.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbedOptions {
+    pub pooling: Pooling,
+    /// Divide each vector by its L2 norm.
+    pub normalize: bool,
+    /// Tokens per sentence, special tokens included; `None` = the model's maximum positions.
+    pub max_len: Option<usize>,
+    /// Sentences per forward pass.
+    pub batch_size: usize,
+}
+
+impl Default for EmbedOptions {
+    fn default() -> Self {
+        EmbedOptions {
+            pooling: Pooling::Cls,
+            normalize: false,
+            max_len: None,
+            batch_size: 64,
+        }
+    }
+}
+
+/// A model as it travels: its tensors (encoder and training head, HF names) and the small
+/// files that describe it (`config.json`, the tokenizer), by file name.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelParts<'a> {
+    pub tensors: &'a TensorMap,
+    pub files: &'a [(String, Vec<u8>)],
+}
+
+/// What one round of local training reports (no sentences, only figures).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct TrainReport {
+    pub steps: u32,
+    pub mean_loss: f64,
+    pub last_loss: f64,
+    /// Mean attention-alignment term (0 for SimCSE).
+    pub mean_ami: f64,
+    pub seconds: f64,
+}
+
+/// Why local training did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The shard cannot be trained on (too small, say).
+    #[error("{0}")]
+    Shard(String),
+    /// The model could not be built from what was given.
+    #[error("model: {0}")]
+    Model(String),
+    /// Training itself failed (device, numerics).
+    #[error("training: {0}")]
+    Training(String),
+}
+
+/// Trains a model on a silo's sentences: the one thing an agent needs from a runtime.
+pub trait LocalTrainer: Send + Sync {
+    /// Trains from `start` on `shard` as `task` says, with `seed` for dropout masks, AMI
+    /// samples and batch order. Returns every trained tensor (encoder and head, the names
+    /// of `start.tensors`) and the figures to report.
+    fn train(
+        &self,
+        start: ModelParts<'_>,
+        shard: &[String],
+        task: &TaskConfig,
+        seed: u64,
+    ) -> Result<(TensorMap, TrainReport), RuntimeError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pooling_names_round_trip_and_unknown_ones_are_explained() {
+        for p in [Pooling::Cls, Pooling::Mean, Pooling::Pooler] {
+            assert_eq!(p.to_string().parse::<Pooling>().unwrap(), p);
+        }
+        let e = "max".parse::<Pooling>().unwrap_err();
+        assert!(e.contains("cls, mean or pooler"), "{e}");
+    }
+}
