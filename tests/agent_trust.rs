@@ -181,7 +181,7 @@ fn agent_config(certs: &Path, port: u16) -> AgentConfig {
             sample: None,
             seed: 1,
         },
-        device: "cpu".into(),
+        device: Default::default(),
         retry: fedmicse_agent::config::RetryConfig {
             initial_ms: 50,
             max_ms: 200,
@@ -248,7 +248,7 @@ async fn run_against(
     let agent = Agent::new(
         &config,
         shard,
-        std::sync::Arc::new(fedmicse_training::BurnTrainer::new("cpu").unwrap()),
+        std::sync::Arc::new(fedmicse_training::BurnTrainer::new(Default::default()).unwrap()),
     )
     .unwrap();
     let metrics = agent.metrics.clone();

@@ -567,7 +567,7 @@ async fn agent_sends_trained_minus_global_for_the_trainable_tensors_only() {
             sample: None,
             seed: 1,
         },
-        device: "cpu".into(),
+        device: Default::default(),
         retry: Default::default(),
         http: Default::default(),
         limits: Default::default(),

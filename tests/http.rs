@@ -94,7 +94,7 @@ async fn metrics_http_api_status_and_agent_metrics() {
             sample: None,
             seed: 1,
         },
-        device: "cpu".into(),
+        device: Default::default(),
         retry: Default::default(),
         http: fedmicse_agent::config::HttpConfig {
             listen: Some(format!("127.0.0.1:{agent_port}").parse().unwrap()),
@@ -104,7 +104,7 @@ async fn metrics_http_api_status_and_agent_metrics() {
     let agent = Agent::new(
         &cfg,
         shard,
-        std::sync::Arc::new(fedmicse_training::BurnTrainer::new("cpu").unwrap()),
+        std::sync::Arc::new(fedmicse_training::BurnTrainer::new(Default::default()).unwrap()),
     )
     .unwrap();
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -165,7 +165,7 @@ impl Fed {
                     sample: None,
                     seed: 1,
                 },
-                device: "cpu".into(),
+                device: Default::default(),
                 retry: fedmicse_agent::config::RetryConfig {
                     initial_ms: 100,
                     max_ms: 1000,

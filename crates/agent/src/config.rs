@@ -24,7 +24,7 @@ pub struct AgentConfig {
     pub data: DataConfig,
     /// Training device: cpu, cuda, cuda:N.
     #[serde(default = "d_device")]
-    pub device: String,
+    pub device: fedmicse_runtime::DeviceSpec,
     #[serde(default)]
     pub retry: RetryConfig,
     #[serde(default)]
@@ -109,8 +109,8 @@ impl Default for RetryConfig {
     }
 }
 
-fn d_device() -> String {
-    "cpu".into()
+fn d_device() -> fedmicse_runtime::DeviceSpec {
+    fedmicse_runtime::DeviceSpec::Cpu
 }
 fn d_seed() -> u64 {
     48

@@ -134,7 +134,7 @@ pub fn run_agent(cmd: AgentCmd) -> Result<()> {
         );
     }
     tracing::info!(sentences = shard.len(), coordinator = %config.coordinator, "agent starting");
-    let trainer = std::sync::Arc::new(fedmicse_training::BurnTrainer::new(&config.device)?);
+    let trainer = std::sync::Arc::new(fedmicse_training::BurnTrainer::new(config.device)?);
     let agent = Agent::new(&config, shard, trainer)?;
     let rt = runtime()?;
     rt.block_on(async move {
@@ -286,7 +286,7 @@ pub fn run_status(cmd: StatusCmd) -> Result<()> {
             sample: None,
             seed: 0,
         },
-        device: "cpu".into(),
+        device: Default::default(),
         retry: Default::default(),
         http: Default::default(),
         limits: Default::default(),

@@ -496,7 +496,8 @@ pub fn run_simulate(cmd: SimulateCmd) -> Result<()> {
         let running = coordinator.serve(listener).await.map_err(anyhow::Error::msg)?;
         let port = running.addr.port();
         let gate = Arc::new(tokio::sync::Semaphore::new(c.max_concurrent_training));
-        let trainer = Arc::new(fedmicse_training::BurnTrainer::new(&c.device)?);
+        let device: fedmicse_runtime::DeviceSpec = c.device.parse().map_err(anyhow::Error::msg)?;
+        let trainer = Arc::new(fedmicse_training::BurnTrainer::new(device)?);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut agents = Vec::new();
         for (id, shard) in ids.iter().zip(shards) {
@@ -514,7 +515,7 @@ pub fn run_simulate(cmd: SimulateCmd) -> Result<()> {
                     sample: None,
                     seed: c.seed,
                 },
-                device: c.device.clone(),
+                device,
                 retry: Default::default(),
                 http: Default::default(),
                 limits: Default::default(),

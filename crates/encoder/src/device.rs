@@ -1,30 +1,24 @@
 //! Choosing the compute device at run time (`--device cpu|cuda[:N]`).
 
 use burn::tensor::Device;
+pub use fedmicse_runtime::DeviceSpec;
 
 use crate::error::{EncoderError, Result};
 
-/// Parses a device name: `cpu` (burn-ndarray), `flex` (burn's pure-Rust CPU backend, when
-/// built with the `flex` feature), `cuda` or `cuda:N` (when built with the `cuda` feature).
-/// A CUDA device is probed, so a machine without a usable GPU fails here with a clear error
-/// rather than at the first kernel.
+/// Parses a device name (see [`DeviceSpec`]) and opens the device.
 pub fn parse_device(spec: &str) -> Result<Device> {
-    let spec = spec.trim().to_ascii_lowercase();
-    match spec.as_str() {
-        "cpu" | "ndarray" => Ok(cpu()),
-        "flex" => flex(),
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            let index = match s.strip_prefix("cuda:") {
-                None => 0,
-                Some(n) => n.parse::<usize>().map_err(|_| {
-                    EncoderError::Device(format!("{spec:?}: expected cuda:N with N a GPU index"))
-                })?,
-            };
-            cuda(index)
-        }
-        _ => Err(EncoderError::Device(format!(
-            "unknown device {spec:?}: expected cpu, cuda or cuda:N"
-        ))),
+    device(spec.parse::<DeviceSpec>().map_err(EncoderError::Device)?)
+}
+
+/// Opens a device: `cpu` (burn-ndarray), `flex` (burn's pure-Rust CPU backend, when built
+/// with the `flex` feature), `cuda:N` (when built with the `cuda` feature). A CUDA device is
+/// probed, so a machine without a usable GPU fails here with a clear error rather than at
+/// the first kernel.
+pub fn device(spec: DeviceSpec) -> Result<Device> {
+    match spec {
+        DeviceSpec::Cpu => Ok(cpu()),
+        DeviceSpec::Flex => flex(),
+        DeviceSpec::Cuda(index) => cuda(index),
     }
 }
 

@@ -7,8 +7,10 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Gamma};
 
-/// How to split.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// How to split: `iid`, or `dirichlet:ALPHA` (label skew; smaller α, more skew). Written
+/// the same way in configuration files and flags.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum Partition {
     Iid,
     Dirichlet(f64),
@@ -30,6 +32,19 @@ impl std::str::FromStr for Partition {
             return Ok(Partition::Dirichlet(alpha));
         }
         Err(format!("{s:?}: expected iid or dirichlet:ALPHA"))
+    }
+}
+
+impl TryFrom<String> for Partition {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Partition> for String {
+    fn from(p: Partition) -> String {
+        p.to_string()
     }
 }
 

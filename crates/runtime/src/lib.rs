@@ -53,6 +53,62 @@ impl std::fmt::Display for Pooling {
     }
 }
 
+/// Where a model computes: `cpu`, `flex` (burn's pure-Rust CPU backend, when built with
+/// it), `cuda` or `cuda:N`. Written the same way in configuration files and flags; an
+/// unknown name is refused when the file is read, not at the first kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    Flex,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let spec = s.trim().to_ascii_lowercase();
+        match spec.as_str() {
+            "cpu" | "ndarray" => Ok(DeviceSpec::Cpu),
+            "flex" => Ok(DeviceSpec::Flex),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            s => match s.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse()
+                    .map(DeviceSpec::Cuda)
+                    .map_err(|_| format!("{spec:?}: expected cuda:N with N a GPU index")),
+                None => Err(format!(
+                    "unknown device {spec:?}: expected cpu, cuda or cuda:N"
+                )),
+            },
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceSpec {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<DeviceSpec> for String {
+    fn from(d: DeviceSpec) -> String {
+        d.to_string()
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Flex => f.write_str("flex"),
+            DeviceSpec::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
 /// How to embed sentences.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EmbedOptions {
@@ -126,6 +182,31 @@ pub trait LocalTrainer: Send + Sync {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_names_parse_and_print_back() {
+        for (text, d) in [
+            ("cpu", DeviceSpec::Cpu),
+            ("CUDA", DeviceSpec::Cuda(0)),
+            ("cuda:3", DeviceSpec::Cuda(3)),
+            ("flex", DeviceSpec::Flex),
+        ] {
+            assert_eq!(text.parse::<DeviceSpec>().unwrap(), d);
+            assert_eq!(d.to_string().parse::<DeviceSpec>().unwrap(), d);
+        }
+        assert!(
+            "cuda:x"
+                .parse::<DeviceSpec>()
+                .unwrap_err()
+                .contains("GPU index")
+        );
+        assert!(
+            "gpu"
+                .parse::<DeviceSpec>()
+                .unwrap_err()
+                .contains("cpu, cuda or cuda:N")
+        );
+    }
 
     #[test]
     fn pooling_names_round_trip_and_unknown_ones_are_explained() {

@@ -5,7 +5,7 @@
 use burn::tensor::Device;
 use fedmicse_encoder::{Encoder, TensorMap};
 use fedmicse_federation::TaskConfig;
-use fedmicse_runtime::{LocalTrainer, ModelParts, RuntimeError, TrainReport};
+use fedmicse_runtime::{DeviceSpec, LocalTrainer, ModelParts, RuntimeError, TrainReport};
 
 use crate::data::epoch_batches;
 use crate::trainer::{HEAD_PREFIX, MlpHead, Trainer};
@@ -16,10 +16,10 @@ pub struct BurnTrainer {
 }
 
 impl BurnTrainer {
-    /// A trainer on the device `spec` names (see `fedmicse_encoder::parse_device`).
-    pub fn new(spec: &str) -> Result<Self, RuntimeError> {
-        let device =
-            fedmicse_encoder::parse_device(spec).map_err(|e| RuntimeError::Model(e.to_string()))?;
+    /// A trainer on `spec`'s device (opened and probed now).
+    pub fn new(spec: DeviceSpec) -> Result<Self, RuntimeError> {
+        let device = fedmicse_encoder::device::device(spec)
+            .map_err(|e| RuntimeError::Model(e.to_string()))?;
         Ok(BurnTrainer { device })
     }
 }
