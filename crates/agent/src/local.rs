@@ -2,45 +2,9 @@
 
 use fedmicse_encoder::{Encoder, TensorMap};
 use fedmicse_federation::TaskConfig;
-use fedmicse_training::data::{batches_per_epoch, epoch_batches};
-use fedmicse_training::objective::ObjectiveConfig;
-use fedmicse_training::{MlpHead, TrainConfig, Trainer, default_ami_layers};
+use fedmicse_training::data::epoch_batches;
+use fedmicse_training::{Fit, MlpHead, Trainer, train_config};
 use fedmicse_wire::pb::LocalMetrics;
-
-/// The trainer configuration for a task on a shard of `n` sentences.
-pub fn train_config(task: &TaskConfig, num_layers: usize, n: usize, seed: u64) -> TrainConfig {
-    let batch_size = (task.batch_size as usize).min(n).max(2);
-    let total_steps = if task.steps > 0 {
-        task.steps as usize
-    } else {
-        task.epochs as usize * batches_per_epoch(n, batch_size)
-    };
-    TrainConfig {
-        objective: ObjectiveConfig {
-            temperature: task.temperature,
-            alpha: 1.0,
-            lambda: if task.objective == fedmicse_federation::task::Objective::Simcse {
-                0.0
-            } else {
-                task.lambda
-            },
-            target_samples: task.ami_samples.max(1) as usize,
-        },
-        ami_layers: match task.ami_layers.as_slice() {
-            [a, b] => *a as usize..*b as usize,
-            _ => default_ami_layers(num_layers),
-        },
-        batch_size,
-        max_len: task.max_len as usize,
-        lr: task.lr,
-        weight_decay: task.weight_decay,
-        warmup_steps: 0,
-        total_steps: total_steps.max(1),
-        max_grad_norm: (task.max_grad_norm > 0.0).then_some(task.max_grad_norm),
-        seed,
-        trainable: task.trainable.clone(),
-    }
-}
 
 /// Trains from `start` (encoder + head) on `shard` and returns the trained tensors (encoder
 /// and head, HF names) and the metrics to report.
@@ -57,7 +21,14 @@ pub fn train_locally(
             shard.len()
         ));
     }
-    let config = train_config(task, start.model.num_layers(), shard.len(), seed);
+    // The task's batch may be larger than the shard: fit it (see `Fit::ToShard`).
+    let config = train_config(
+        task,
+        start.model.num_layers(),
+        shard.len(),
+        seed,
+        Fit::ToShard,
+    );
     let total = config.total_steps;
     let batch_size = config.batch_size;
     let mut trainer = Trainer::new(start, Some(head), config).map_err(|e| e.to_string())?;

@@ -5,8 +5,10 @@ pub mod error;
 pub mod objective;
 pub mod run;
 pub mod sts;
+pub mod task;
 pub mod trainer;
 
 pub use error::{Result, TrainError};
 pub use run::{Budget, DevSet, Observer, RunConfig, RunSummary};
+pub use task::{Fit, train_config};
 pub use trainer::{MlpHead, StepMetrics, TrainConfig, Trainer, default_ami_layers, paper_lambda};

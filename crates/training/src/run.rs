@@ -111,7 +111,9 @@ enum Record<'a> {
     },
     Eval {
         step: usize,
-        dev_spearman: f64,
+        /// Spearman ×100 on the dev set; `dev_spearman` in metrics.jsonl.
+        #[serde(rename = "dev_spearman")]
+        stsb_dev: f64,
         best: bool,
     },
 }
@@ -210,7 +212,7 @@ pub fn run(
         );
         write(&Record::Eval {
             step,
-            dev_spearman: score,
+            stsb_dev: score,
             best: improved,
         })
     };
