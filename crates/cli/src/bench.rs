@@ -1,6 +1,6 @@
 //! `fedmicse bench`: inference and training throughput, peak memory, CUDA start-up.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -96,6 +96,7 @@ pub fn run_bench(cmd: BenchCmd) -> Result<()> {
     }
     let device = parse_device(&cmd.device)?;
     let cold = Instant::now();
+    // `--model DIR`, or a random model of `--config PRESET` with the `--tokenizer`'s vocabulary.
     let encoder = match (&cmd.model, cmd.config) {
         (Some(dir), _) => {
             Encoder::load(dir, &device).with_context(|| format!("loading {}", dir.display()))?
@@ -113,16 +114,7 @@ pub fn run_bench(cmd: BenchCmd) -> Result<()> {
         }
         (None, None) => bail!("give --model DIR or --config bert-base|minilm"),
     };
-    let pairs = read_tsv(&cmd.sentences)?;
-    let mut sentences: Vec<String> = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for p in &pairs {
-        for s in [&p.s1, &p.s2] {
-            if seen.insert(s.clone()) {
-                sentences.push(s.clone());
-            }
-        }
-    }
+    let sentences = distinct_sentences(&cmd.sentences)?;
     let n = cmd.inference_sentences.min(sentences.len());
     let refs: Vec<&str> = sentences[..n].iter().map(String::as_str).collect();
     eprintln!(
@@ -155,93 +147,11 @@ pub fn run_bench(cmd: BenchCmd) -> Result<()> {
     if device != fedmicse_encoder::device::cpu() {
         rows.extend(device_check(&encoder, &refs, cmd.batch_size)?);
     }
-
-    for max_len in [32, 128] {
-        let opts = EmbedOptions {
-            pooling: Pooling::Cls,
-            normalize: false,
-            max_len: Some(max_len),
-            batch_size: infer_batch,
-        };
-        encoder.embed(&refs, &opts)?; // warm-up: every batch shape compiled and tuned
-        reset_peak();
-        let mut rates = Vec::new();
-        for _ in 0..cmd.repeats {
-            let t = Instant::now();
-            encoder.embed(&refs, &opts)?;
-            rates.push(n as f64 / t.elapsed().as_secs_f64());
-        }
-        rows.push(Row {
-            name: format!("inference, batch {infer_batch}, max_len {max_len}"),
-            value: median(rates),
-            unit: "sentences/s".into(),
-            peak_rss_mib: peak_rss_mib(),
-        });
-    }
-
+    rows.extend(inference_rows(&encoder, &refs, infer_batch, cmd.repeats)?);
     if !cmd.no_train {
-        let train = fedmicse_training::data::read_sentences(&cmd.train_sentences)?;
-        let train_refs: Vec<&str> = train.iter().map(String::as_str).collect();
-        let tn = train_refs.len();
-        if tn < cmd.batch_size {
-            bail!(
-                "{}: fewer sentences than a batch",
-                cmd.train_sentences.display()
-            );
-        }
-        for (name, lambda) in [("miCSE", 1e-3), ("SimCSE", 0.0)] {
-            let mut c = TrainConfig::paper(encoder.model.num_layers(), lambda);
-            c.batch_size = cmd.batch_size;
-            c.total_steps = 1_000_000;
-            let mut trainer = Trainer::new(&encoder, None, c)?;
-            let batch = |i: usize| -> Vec<&str> {
-                (0..cmd.batch_size)
-                    .map(|j| train_refs[(i * cmd.batch_size + j) % tn])
-                    .collect()
-            };
-            trainer.step(&batch(0))?; // warm-up
-            reset_peak();
-            let mut rates = Vec::new();
-            let mut k = 1;
-            for _ in 0..cmd.repeats {
-                let t = Instant::now();
-                for _ in 0..cmd.train_steps {
-                    trainer.step(&batch(k))?;
-                    k += 1;
-                }
-                rates.push((cmd.train_steps * cmd.batch_size) as f64 / t.elapsed().as_secs_f64());
-            }
-            let rate = median(rates);
-            rows.push(Row {
-                name: format!("{name} training step, max_len 32"),
-                value: rate,
-                unit: "sentences/s".into(),
-                peak_rss_mib: peak_rss_mib(),
-            });
-            rows.push(Row {
-                name: format!("{name} training step time"),
-                value: cmd.batch_size as f64 / rate,
-                unit: "s/step".into(),
-                peak_rss_mib: None,
-            });
-        }
+        rows.extend(training_rows(&encoder, &cmd)?);
     }
-
-    println!("| measurement | value | unit | peak RSS (MiB) |");
-    println!("|---|---:|---|---:|");
-    for r in &rows {
-        println!(
-            "| {} | {} | {} | {} |",
-            r.name,
-            if r.value != 0.0 && r.value.abs() < 0.01 {
-                format!("{:.2e}", r.value)
-            } else {
-                format!("{:.2}", r.value)
-            },
-            r.unit,
-            r.peak_rss_mib.map_or("-".into(), |m| format!("{m:.0}"))
-        );
-    }
+    print_rows(&rows);
     if let Some(path) = &cmd.json {
         let v = serde_json::json!({
             "device": cmd.device,
@@ -255,6 +165,124 @@ pub fn run_bench(cmd: BenchCmd) -> Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&v)?)?;
     }
     Ok(())
+}
+
+/// The sentences of an STS file, each once, in order of appearance.
+fn distinct_sentences(path: &Path) -> Result<Vec<String>> {
+    let pairs = read_tsv(path)?;
+    let mut sentences: Vec<String> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for p in &pairs {
+        for s in [&p.s1, &p.s2] {
+            if seen.insert(s.clone()) {
+                sentences.push(s.clone());
+            }
+        }
+    }
+    Ok(sentences)
+}
+
+/// Inference throughput at max lengths 32 and 128 (median of `repeats` after a warm-up).
+fn inference_rows(
+    encoder: &Encoder,
+    refs: &[&str],
+    infer_batch: usize,
+    repeats: usize,
+) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for max_len in [32, 128] {
+        let opts = EmbedOptions {
+            pooling: Pooling::Cls,
+            normalize: false,
+            max_len: Some(max_len),
+            batch_size: infer_batch,
+        };
+        encoder.embed(refs, &opts)?; // warm-up: every batch shape compiled and tuned
+        reset_peak();
+        let mut rates = Vec::new();
+        for _ in 0..repeats {
+            let t = Instant::now();
+            encoder.embed(refs, &opts)?;
+            rates.push(refs.len() as f64 / t.elapsed().as_secs_f64());
+        }
+        rows.push(Row {
+            name: format!("inference, batch {infer_batch}, max_len {max_len}"),
+            value: median(rates),
+            unit: "sentences/s".into(),
+            peak_rss_mib: peak_rss_mib(),
+        });
+    }
+    Ok(rows)
+}
+
+/// miCSE and SimCSE training throughput and step time on `--train-sentences`.
+fn training_rows(encoder: &Encoder, cmd: &BenchCmd) -> Result<Vec<Row>> {
+    let train = fedmicse_training::data::read_sentences(&cmd.train_sentences)?;
+    let train_refs: Vec<&str> = train.iter().map(String::as_str).collect();
+    let tn = train_refs.len();
+    if tn < cmd.batch_size {
+        bail!(
+            "{}: fewer sentences than a batch",
+            cmd.train_sentences.display()
+        );
+    }
+    let mut rows = Vec::new();
+    for (name, lambda) in [("miCSE", 1e-3), ("SimCSE", 0.0)] {
+        let mut c = TrainConfig::paper(encoder.model.num_layers(), lambda);
+        c.batch_size = cmd.batch_size;
+        c.total_steps = 1_000_000;
+        let mut trainer = Trainer::new(encoder, None, c)?;
+        let batch = |i: usize| -> Vec<&str> {
+            (0..cmd.batch_size)
+                .map(|j| train_refs[(i * cmd.batch_size + j) % tn])
+                .collect()
+        };
+        trainer.step(&batch(0))?; // warm-up
+        reset_peak();
+        let mut rates = Vec::new();
+        let mut k = 1;
+        for _ in 0..cmd.repeats {
+            let t = Instant::now();
+            for _ in 0..cmd.train_steps {
+                trainer.step(&batch(k))?;
+                k += 1;
+            }
+            rates.push((cmd.train_steps * cmd.batch_size) as f64 / t.elapsed().as_secs_f64());
+        }
+        let rate = median(rates);
+        rows.push(Row {
+            name: format!("{name} training step, max_len 32"),
+            value: rate,
+            unit: "sentences/s".into(),
+            peak_rss_mib: peak_rss_mib(),
+        });
+        rows.push(Row {
+            name: format!("{name} training step time"),
+            value: cmd.batch_size as f64 / rate,
+            unit: "s/step".into(),
+            peak_rss_mib: None,
+        });
+    }
+    Ok(rows)
+}
+
+/// The rows as a Markdown table.
+fn print_rows(rows: &[Row]) {
+    println!("| measurement | value | unit | peak RSS (MiB) |");
+    println!("|---|---:|---|---:|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} |",
+            r.name,
+            if r.value != 0.0 && r.value.abs() < 0.01 {
+                format!("{:.2e}", r.value)
+            } else {
+                format!("{:.2}", r.value)
+            },
+            r.unit,
+            r.peak_rss_mib.map_or("-".into(), |m| format!("{m:.0}"))
+        );
+    }
 }
 
 /// On any device but the default CPU one (a GPU, or `flex`), the same work on the CPU: embeddings (max length 128,

@@ -1,11 +1,15 @@
 //! `fedmicse`: federated low-shot training of sentence encoders with miCSE.
 
+mod agent;
 mod bench;
+mod certs;
+mod coordinator;
 mod embed;
-mod fed;
 mod logging;
 mod plot;
+mod runtime;
 mod simulate;
+mod status;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -40,16 +44,16 @@ enum Command {
     /// Evaluate on STS tasks: Spearman ×100 of cosine similarity vs gold scores.
     Eval(train::EvalCmd),
     /// Run the coordinator daemon: rounds, FedAvg, checkpoints, evaluation, inference.
-    Coordinator(fed::CoordinatorCmd),
+    Coordinator(coordinator::CoordinatorCmd),
     /// Run a client agent beside a data silo: pull, train locally, send deltas.
-    Agent(fed::AgentCmd),
+    Agent(agent::AgentCmd),
     /// Simulate a federation on one machine: coordinator and N agents over real mTLS gRPC.
     Simulate(simulate::SimulateCmd),
     /// Create the federation's CA and certificates.
     #[command(subcommand)]
-    Certs(fed::CertsCmd),
+    Certs(certs::CertsCmd),
     /// Print a coordinator's state.
-    Status(fed::StatusCmd),
+    Status(status::StatusCmd),
     /// Measure inference and training throughput and peak memory.
     Bench(bench::BenchCmd),
     /// Write a randomly initialised BERT checkpoint (for experiments and benchmarks).
@@ -81,15 +85,15 @@ fn main() -> std::process::ExitCode {
         Command::Eval(args) => train::run_eval(args),
         Command::Coordinator(args) => {
             limit_malloc_arenas();
-            fed::run_coordinator(args)
+            coordinator::run_coordinator(args)
         }
-        Command::Agent(args) => fed::run_agent(args),
+        Command::Agent(args) => agent::run_agent(args),
         Command::Simulate(args) => {
             limit_malloc_arenas();
             simulate::run_simulate(args)
         }
-        Command::Certs(args) => fed::run_certs(args),
-        Command::Status(args) => fed::run_status(args),
+        Command::Certs(args) => certs::run_certs(args),
+        Command::Status(args) => status::run_status(args),
         Command::Bench(args) => bench::run_bench(args),
         Command::InitModel(args) => bench::run_init_model(args),
         Command::Plot(args) => plot::run_plot(args),
@@ -221,8 +225,9 @@ mod tests {
             &root().join("configs/agent.toml"),
             toml::Value::try_from(&a).unwrap(),
         );
-        let s = crate::simulate::SimulateConfig::from_file(&root().join("configs/simulate.toml"))
-            .unwrap();
+        let s =
+            fedmicse_simulation::SimulateConfig::from_file(&root().join("configs/simulate.toml"))
+                .unwrap();
         let mut v = toml::Value::try_from(&s).unwrap();
         // The simulation's [updates] and [eval].max_pairs are advanced: defaults, not listed.
         if let toml::Value::Table(t) = &mut v {

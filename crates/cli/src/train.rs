@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use fedmicse_encoder::{EmbedOptions, Encoder, Pooling, parse_device};
+use fedmicse_federation::{TaskConfig, task};
 use fedmicse_training::data::{read_sentences, sample};
-use fedmicse_training::objective::ObjectiveConfig;
 use fedmicse_training::run::{self, Budget, DevSet, Observer};
 use fedmicse_training::sts;
-use fedmicse_training::{MlpHead, StepMetrics, TrainConfig, default_ami_layers, paper_lambda};
+use fedmicse_training::{Fit, MlpHead, StepMetrics, TrainConfig, paper_lambda, train_config};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
@@ -88,32 +88,36 @@ pub fn parse_range(s: &str) -> std::result::Result<std::ops::Range<usize>, Strin
 }
 
 impl TrainArgs {
+    /// The flags as a task (λ by the paper's rule for `sentences` unless given), mapped as
+    /// any task is ([`train_config`], the hyper-parameters as given), plus the warm-up only
+    /// `train` has. `run::run` sets the total steps from [`TrainArgs::budget`].
     pub fn config(&self, num_layers: usize, sentences: usize) -> TrainConfig {
-        let lambda = match self.objective {
-            Objective::Simcse => 0.0,
-            Objective::Micse => self.lambda.unwrap_or_else(|| paper_lambda(sentences)),
-        };
-        TrainConfig {
-            objective: ObjectiveConfig {
-                temperature: self.temperature,
-                alpha: 1.0,
-                lambda,
-                target_samples: self.ami_samples,
+        let sat = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        let task = TaskConfig {
+            objective: match self.objective {
+                Objective::Micse => task::Objective::Micse,
+                Objective::Simcse => task::Objective::Simcse,
             },
+            epochs: sat(self.epochs.unwrap_or(1)),
+            steps: sat(self.steps.unwrap_or(0)),
+            batch_size: sat(self.batch_size),
+            max_len: sat(self.max_len),
+            lr: self.lr,
+            temperature: self.temperature,
+            lambda: self.lambda.unwrap_or_else(|| paper_lambda(sentences)),
             ami_layers: self
                 .ami_layers
-                .clone()
-                .unwrap_or_else(|| default_ami_layers(num_layers)),
-            batch_size: self.batch_size,
-            max_len: self.max_len,
-            lr: self.lr,
+                .as_ref()
+                .map_or_else(Vec::new, |r| vec![sat(r.start), sat(r.end)]),
+            ami_samples: sat(self.ami_samples),
             weight_decay: self.weight_decay,
-            warmup_steps: self.warmup_steps,
-            total_steps: 1,
-            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+            max_grad_norm: self.max_grad_norm,
             seed: self.seed,
-            trainable: Vec::new(),
-        }
+            ..TaskConfig::default()
+        };
+        let mut config = train_config(&task, num_layers, sentences, self.seed, Fit::AsGiven);
+        config.warmup_steps = self.warmup_steps;
+        config
     }
 
     pub fn budget(&self) -> Budget {

@@ -2,9 +2,16 @@
 //! scatter plots (2-D projections of embeddings). Text uses the bundled DejaVu Sans, so
 //! no system fonts are needed.
 
+pub mod pca;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+pub use pca::pca_2d;
+
 use std::path::Path;
 use std::sync::Once;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
 
@@ -129,6 +136,39 @@ fn legend_corner(series: &[Series], xs: (f64, f64), ys: (f64, f64)) -> SeriesLab
         .unwrap_or(SeriesLabelPosition::UpperRight)
 }
 
+/// A chart on `area` with a caption (text, font size, margin) and f64 axes over `xs` × `ys`,
+/// its mesh labelled `axes`; `x_ticks`: that many integer ticks on x.
+fn chart<'a, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, plotters::coord::Shift>,
+    caption: (&str, u32, u32),
+    xs: (f64, f64),
+    ys: (f64, f64),
+    axes: (&str, &str),
+    x_ticks: Option<usize>,
+    path: &Path,
+) -> Result<ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption.0, (FAMILY, caption.1))
+        .margin(caption.2)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(xs.0..xs.1, ys.0..ys.1)
+        .map_err(|e| err(path, e))?;
+    let mut mesh = chart.configure_mesh();
+    // x is a step or round number: integer ticks, never more than one per unit.
+    let integer = |x: &f64| format!("{x:.0}");
+    if let Some(n) = x_ticks {
+        mesh.x_labels(n).x_label_formatter(&integer);
+    }
+    mesh.x_desc(axes.0)
+        .y_desc(axes.1)
+        .label_style((FAMILY, 13))
+        .axis_desc_style((FAMILY, 14))
+        .draw()
+        .map_err(|e| err(path, e))?;
+    Ok(chart)
+}
+
 /// Panels stacked vertically in one PNG, `width` pixels wide, 320 pixels per panel.
 pub fn line_panels(path: &Path, title: &str, panels: &[Panel], width: u32) -> Result<()> {
     fonts();
@@ -138,76 +178,76 @@ pub fn line_panels(path: &Path, title: &str, panels: &[Panel], width: u32) -> Re
     let root = root.titled(title, (FAMILY, 24)).map_err(|e| err(path, e))?;
     let areas = root.split_evenly((panels.len().max(1), 1));
     for (panel, area) in panels.iter().zip(areas.iter()) {
-        let xs = span(
-            panel
-                .series
-                .iter()
-                .flat_map(|s| s.points.iter().map(|p| p.0)),
-        );
-        let mut ys = span(
-            panel
-                .series
-                .iter()
-                .flat_map(|s| s.points.iter().map(|p| p.1)),
-        );
-        if panel.y_from_zero {
-            ys = (ys.0.min(0.0), ys.1.max(0.0) * 1.1);
-        }
-        // x is a step or round number: integer ticks, never more than one per unit.
-        let x_ticks = ((xs.1 - xs.0).floor() as usize + 1).clamp(2, 10);
-        let legend_at = legend_corner(&panel.series, xs, ys);
-        let mut chart = ChartBuilder::on(area)
-            .caption(&panel.title, (FAMILY, 18))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d(xs.0..xs.1, ys.0..ys.1)
-            .map_err(|e| err(path, e))?;
-        chart
-            .configure_mesh()
-            .x_labels(x_ticks)
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .x_desc(&panel.x_label)
-            .y_desc(&panel.y_label)
-            .label_style((FAMILY, 13))
-            .axis_desc_style((FAMILY, 14))
-            .draw()
-            .map_err(|e| err(path, e))?;
-        for (i, s) in panel.series.iter().enumerate() {
-            let c = color(i);
-            let pts: Vec<(f64, f64)> = s
-                .points
-                .iter()
-                .copied()
-                .filter(|p| p.1.is_finite())
-                .collect();
-            chart
-                .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
-                .map_err(|e| err(path, e))?
-                .label(&s.label)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
-                });
-            if s.markers {
-                chart
-                    .draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))
-                    .map_err(|e| err(path, e))?;
-            }
-        }
-        // A single series is named by the panel's title; a legend would only hide data.
-        if panel.series.len() > 1 {
-            chart
-                .configure_series_labels()
-                .label_font((FAMILY, 13))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK.mix(0.3))
-                .position(legend_at)
-                .draw()
-                .map_err(|e| err(path, e))?;
-        }
+        draw_panel(area, panel, path)?;
     }
     root.present().map_err(|e| err(path, e))?;
     Ok(())
+}
+
+fn draw_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    panel: &Panel,
+    path: &Path,
+) -> Result<()> {
+    let points = || panel.series.iter().flat_map(|s| s.points.iter());
+    let xs = span(points().map(|p| p.0));
+    let mut ys = span(points().map(|p| p.1));
+    if panel.y_from_zero {
+        ys = (ys.0.min(0.0), ys.1.max(0.0) * 1.1);
+    }
+    let x_ticks = ((xs.1 - xs.0).floor() as usize + 1).clamp(2, 10);
+    let legend_at = legend_corner(&panel.series, xs, ys);
+    let axes = (panel.x_label.as_str(), panel.y_label.as_str());
+    let mut chart = chart(
+        area,
+        (&panel.title, 18, 12),
+        xs,
+        ys,
+        axes,
+        Some(x_ticks),
+        path,
+    )?;
+    for (i, s) in panel.series.iter().enumerate() {
+        let c = color(i);
+        let pts: Vec<(f64, f64)> = s
+            .points
+            .iter()
+            .copied()
+            .filter(|p| p.1.is_finite())
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
+            .map_err(|e| err(path, e))?
+            .label(&s.label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+        if s.markers {
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))
+                .map_err(|e| err(path, e))?;
+        }
+    }
+    // A single series is named by the panel's title; a legend would only hide data.
+    if panel.series.len() > 1 {
+        legend(&mut chart, 13, legend_at, path)?;
+    }
+    Ok(())
+}
+
+/// The series' legend at `position`, on a translucent white box.
+fn legend<'a, DB: DrawingBackend + 'a>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    font_size: u32,
+    position: SeriesLabelPosition,
+    path: &Path,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .label_font((FAMILY, font_size))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .position(position)
+        .draw()
+        .map_err(|e| err(path, e))
 }
 
 /// A labelled scatter plot: `points[i] = (x, y, class)`, `classes[class]` its legend name.
@@ -223,21 +263,7 @@ pub fn scatter(
     root.fill(&WHITE).map_err(|e| err(path, e))?;
     let xs = span(points.iter().map(|p| p.0));
     let ys = span(points.iter().map(|p| p.1));
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, (FAMILY, 22))
-        .margin(16)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(xs.0..xs.1, ys.0..ys.1)
-        .map_err(|e| err(path, e))?;
-    chart
-        .configure_mesh()
-        .x_desc(axes.0)
-        .y_desc(axes.1)
-        .label_style((FAMILY, 13))
-        .axis_desc_style((FAMILY, 14))
-        .draw()
-        .map_err(|e| err(path, e))?;
+    let mut chart = chart(&root, (title, 22, 16), xs, ys, axes, None, path)?;
     for (k, name) in classes.iter().enumerate() {
         let c = color(k);
         chart
@@ -251,14 +277,7 @@ pub fn scatter(
             .label(name)
             .legend(move |(x, y)| Circle::new((x + 8, y), 4, c.filled()));
     }
-    chart
-        .configure_series_labels()
-        .label_font((FAMILY, 14))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.3))
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .map_err(|e| err(path, e))?;
+    legend(&mut chart, 14, SeriesLabelPosition::UpperRight, path)?;
     root.present().map_err(|e| err(path, e))?;
     Ok(())
 }
@@ -266,6 +285,7 @@ pub fn scatter(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{assert_drawn, decode, has_colour};
 
     #[test]
     fn writes_png_files() {
@@ -294,7 +314,7 @@ mod tests {
         let (w, h, px) = decode(&p);
         assert_eq!((w, h), (800, 700));
         assert_drawn(&px, w, h);
-        assert!(has(&px, color(0)) && has(&px, color(1)));
+        assert!(has_colour(&px, 0) && has_colour(&px, 1));
         let s = dir.join("scatter.png");
         let pts: Vec<(f64, f64, usize)> = (0..100)
             .map(|i| ((i as f64).sin(), (i as f64).cos(), i % 3))
@@ -311,40 +331,7 @@ mod tests {
         assert_eq!((w, h), (900, 760));
         assert_drawn(&px, w, h);
         // The legend shows each class in its own colour.
-        assert!((0..3).all(|k| has(&px, color(k))));
+        assert!((0..3).all(|k| has_colour(&px, k)));
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    /// Width, height and RGB pixels of a PNG.
-    fn decode(path: &Path) -> (usize, usize, Vec<[u8; 3]>) {
-        let file = std::io::BufReader::new(std::fs::File::open(path).unwrap());
-        let mut reader = png::Decoder::new(file).read_info().unwrap();
-        let mut buf = vec![0; reader.output_buffer_size()];
-        let info = reader.next_frame(&mut buf).unwrap();
-        assert_eq!(info.bit_depth, png::BitDepth::Eight);
-        let step = info.color_type.samples();
-        assert!(step >= 3, "{:?}", info.color_type);
-        let px = buf[..info.buffer_size()]
-            .chunks(step)
-            .map(|p| [p[0], p[1], p[2]])
-            .collect();
-        (info.width as usize, info.height as usize, px)
-    }
-
-    /// Not blank: many colours, and ink in the plot area (below the title band).
-    fn assert_drawn(px: &[[u8; 3]], w: usize, h: usize) {
-        let colours: std::collections::HashSet<[u8; 3]> = px.iter().copied().collect();
-        assert!(colours.len() > 2, "{} colours", colours.len());
-        let area = &px[60 * w..h * w];
-        let inked = area.iter().filter(|p| **p != [255, 255, 255]).count();
-        assert!(
-            inked * 200 > area.len(),
-            "nearly blank: {inked} of {} pixels drawn",
-            area.len()
-        );
-    }
-
-    fn has(px: &[[u8; 3]], c: RGBColor) -> bool {
-        px.iter().any(|p| *p == [c.0, c.1, c.2])
     }
 }

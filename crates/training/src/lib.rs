@@ -12,5 +12,5 @@ pub mod trainer;
 pub use error::{Result, TrainError};
 pub use local_trainer::BurnTrainer;
 pub use run::{Budget, DevSet, Observer, RunConfig, RunSummary};
-pub use task::task_config;
+pub use task::{Fit, train_config};
 pub use trainer::{MlpHead, StepMetrics, TrainConfig, Trainer, default_ami_layers, paper_lambda};

@@ -61,7 +61,13 @@ fn run_steps(
     seed: u64,
 ) -> Result<(TensorMap, TrainReport), RuntimeError> {
     let failed = |e: crate::TrainError| RuntimeError::Training(e.to_string());
-    let config = crate::task_config(task, start.model.num_layers(), shard.len(), seed);
+    let config = crate::train_config(
+        task,
+        start.model.num_layers(),
+        shard.len(),
+        seed,
+        crate::Fit::ToShard,
+    );
     let total = config.total_steps;
     let batch_size = config.batch_size;
     let mut trainer = Trainer::new(start, Some(head), config).map_err(failed)?;

@@ -111,7 +111,9 @@ enum Record<'a> {
     },
     Eval {
         step: usize,
-        dev_spearman: f64,
+        /// Spearman ×100 on the dev set; `dev_spearman` in metrics.jsonl.
+        #[serde(rename = "dev_spearman")]
+        stsb_dev: f64,
         best: bool,
     },
 }
@@ -159,132 +161,183 @@ pub fn run(
         return Err(TrainError::Config("the run has 0 steps".into()));
     }
     config.train.total_steps = total;
-    let mut trainer = Trainer::new(encoder, head, config.train.clone())?;
-    let metrics_path = out.join("metrics.jsonl");
-    let mut log =
-        std::io::BufWriter::new(std::fs::File::create(&metrics_path).map_err(|source| {
-            TrainError::Io {
-                path: metrics_path.clone(),
-                source,
-            }
-        })?);
-    let mut write = |r: &Record| -> Result<()> {
-        serde_json::to_writer(&mut log, r).expect("serialisable");
-        log.write_all(b"\n")
-            .and_then(|_| log.flush())
-            .map_err(|source| TrainError::Io {
-                path: metrics_path.clone(),
-                source,
-            })
+    let mut session = Session {
+        encoder,
+        trainer: Trainer::new(encoder, head, config.train.clone())?,
+        dev: config.dev.as_ref(),
+        out,
+        log: MetricsLog::create(out.join("metrics.jsonl"))?,
+        steps: Vec::new(),
+        evals: Vec::new(),
+        best: None,
     };
-
     let started = std::time::Instant::now();
     observer.start(total);
-    let mut steps: Vec<StepMetrics> = Vec::new();
-    let mut evals: Vec<(usize, f64)> = Vec::new();
-    let mut best: Option<(usize, f64)> = None;
-    let evaluate = |trainer: &Trainer,
-                    evals: &mut Vec<(usize, f64)>,
-                    best: &mut Option<(usize, f64)>,
-                    observer: &mut dyn Observer,
-                    write: &mut dyn FnMut(&Record) -> Result<()>|
-     -> Result<()> {
-        let Some(dev) = &config.dev else {
-            return Ok(());
-        };
-        let step = trainer.steps_done();
-        let current = trainer.encoder(encoder);
-        let score = dev.score(&current)?;
-        let improved = best.is_none_or(|(_, b)| score > b);
-        if improved {
-            *best = Some((step, score));
-            save_checkpoint(&current, &trainer.head(), &out.join("best"))?;
-        }
-        evals.push((step, score));
-        observer.eval(step, score, improved);
-        tracing::info!(
-            step,
-            dev_spearman = format!("{score:.2}"),
-            best = improved,
-            "evaluated"
-        );
-        write(&Record::Eval {
-            step,
-            dev_spearman: score,
-            best: improved,
-        })
-    };
-    evaluate(&trainer, &mut evals, &mut best, observer, &mut write)?;
-
+    session.evaluate(observer)?;
     let mut epoch = 0;
     'outer: loop {
         for batch in epoch_batches(sentences.len(), batch_size, config.train.seed, epoch as u64) {
-            if trainer.steps_done() >= total {
+            if session.trainer.steps_done() >= total {
                 break 'outer;
             }
             let refs: Vec<&str> = batch.iter().map(|&i| sentences[i].as_str()).collect();
-            let m = trainer.step(&refs)?;
-            observer.step(&m);
-            write(&Record::Step {
-                step: m.step,
-                epoch,
-                loss: m.loss,
-                info_nce: m.info_nce,
-                ami: m.ami,
-                ami_status: status_name(m.ami_status),
-                lr: m.lr,
-                grad_norm: m.grad_norm,
-                sentences_per_second: m.sentences as f64 / m.seconds,
-            })?;
-            steps.push(m);
-            let done = trainer.steps_done();
+            session.step(&refs, epoch, observer)?;
+            let done = session.trainer.steps_done();
             if config.eval_every > 0 && done % config.eval_every == 0 && done < total {
-                evaluate(&trainer, &mut evals, &mut best, observer, &mut write)?;
+                session.evaluate(observer)?;
             }
         }
         epoch += 1;
     }
-    if evals.last().is_none_or(|(s, _)| *s != trainer.steps_done()) {
-        evaluate(&trainer, &mut evals, &mut best, observer, &mut write)?;
-    }
-    let last = trainer.encoder(encoder);
-    save_checkpoint(&last, &trainer.head(), &out.join("last"))?;
-    observer.finish();
+    session.finish(sentences.len(), started, observer)
+}
 
-    let seconds = started.elapsed().as_secs_f64();
-    let train_seconds: f64 = steps.iter().map(|m| m.seconds).sum();
-    let trained: usize = steps.iter().map(|m| m.sentences).sum();
-    let summary = RunSummary {
-        steps: trainer.steps_done(),
-        sentences: sentences.len(),
-        first_loss: steps.first().map(|m| m.loss),
-        last_loss: steps.last().map(|m| m.loss),
-        initial_dev: evals.first().map(|e| e.1),
-        best_dev: best.map(|b| b.1),
-        best_step: best.map(|b| b.0),
-        final_dev: evals.last().map(|e| e.1),
-        ami_skipped_steps: steps
-            .iter()
-            .filter(|m| matches!(m.ami_status, AmiStatus::NonFinite | AmiStatus::ZeroSamples))
-            .count(),
-        seconds,
-        sentences_per_second: if train_seconds > 0.0 {
-            trained as f64 / train_seconds
-        } else {
-            0.0
-        },
-    };
-    let summary_path = out.join("summary.json");
-    std::fs::write(
-        &summary_path,
-        serde_json::to_string_pretty(&summary).expect("json"),
-    )
-    .map_err(|source| TrainError::Io {
-        path: summary_path,
-        source,
-    })?;
-    plot_training(&out.join("training.png"), &steps, &evals)?;
-    Ok(summary)
+/// `metrics.jsonl`, flushed after every record.
+struct MetricsLog {
+    path: PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+}
+
+impl MetricsLog {
+    fn create(path: PathBuf) -> Result<Self> {
+        match std::fs::File::create(&path) {
+            Ok(f) => Ok(MetricsLog {
+                path,
+                file: std::io::BufWriter::new(f),
+            }),
+            Err(source) => Err(TrainError::Io { path, source }),
+        }
+    }
+
+    fn write(&mut self, r: &Record) -> Result<()> {
+        serde_json::to_writer(&mut self.file, r).expect("serialisable");
+        self.file
+            .write_all(b"\n")
+            .and_then(|_| self.file.flush())
+            .map_err(|source| TrainError::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+}
+
+/// A run between its steps: the trainer, the log, and what was measured so far.
+struct Session<'a> {
+    encoder: &'a Encoder,
+    trainer: Trainer,
+    dev: Option<&'a DevSet>,
+    out: &'a Path,
+    log: MetricsLog,
+    steps: Vec<StepMetrics>,
+    /// (step, Spearman ×100 on the dev set) per evaluation.
+    evals: Vec<(usize, f64)>,
+    best: Option<(usize, f64)>,
+}
+
+impl Session<'_> {
+    /// Scores the current model on the dev set (if any); saves `best/` when it improved.
+    fn evaluate(&mut self, observer: &mut dyn Observer) -> Result<()> {
+        let Some(dev) = self.dev else {
+            return Ok(());
+        };
+        let step = self.trainer.steps_done();
+        let current = self.trainer.encoder(self.encoder);
+        let stsb_dev = dev.score(&current)?;
+        let improved = self.best.is_none_or(|(_, b)| stsb_dev > b);
+        if improved {
+            self.best = Some((step, stsb_dev));
+            save_checkpoint(&current, &self.trainer.head(), &self.out.join("best"))?;
+        }
+        self.evals.push((step, stsb_dev));
+        observer.eval(step, stsb_dev, improved);
+        tracing::info!(
+            step,
+            dev_spearman = format!("{stsb_dev:.2}"),
+            best = improved,
+            "evaluated"
+        );
+        self.log.write(&Record::Eval {
+            step,
+            stsb_dev,
+            best: improved,
+        })
+    }
+
+    fn step(&mut self, batch: &[&str], epoch: usize, observer: &mut dyn Observer) -> Result<()> {
+        let m = self.trainer.step(batch)?;
+        observer.step(&m);
+        self.log.write(&Record::Step {
+            step: m.step,
+            epoch,
+            loss: m.loss,
+            info_nce: m.info_nce,
+            ami: m.ami,
+            ami_status: status_name(m.ami_status),
+            lr: m.lr,
+            grad_norm: m.grad_norm,
+            sentences_per_second: m.sentences as f64 / m.seconds,
+        })?;
+        self.steps.push(m);
+        Ok(())
+    }
+
+    /// The last evaluation (unless the last step was just evaluated), `last/`,
+    /// `summary.json` and `training.png`.
+    fn finish(
+        mut self,
+        sentences: usize,
+        started: std::time::Instant,
+        observer: &mut dyn Observer,
+    ) -> Result<RunSummary> {
+        if self
+            .evals
+            .last()
+            .is_none_or(|(s, _)| *s != self.trainer.steps_done())
+        {
+            self.evaluate(observer)?;
+        }
+        let last = self.trainer.encoder(self.encoder);
+        save_checkpoint(&last, &self.trainer.head(), &self.out.join("last"))?;
+        observer.finish();
+        let summary = self.summary(sentences, started.elapsed().as_secs_f64());
+        let summary_path = self.out.join("summary.json");
+        std::fs::write(
+            &summary_path,
+            serde_json::to_string_pretty(&summary).expect("json"),
+        )
+        .map_err(|source| TrainError::Io {
+            path: summary_path,
+            source,
+        })?;
+        plot_training(&self.out.join("training.png"), &self.steps, &self.evals)?;
+        Ok(summary)
+    }
+
+    fn summary(&self, sentences: usize, seconds: f64) -> RunSummary {
+        let steps = &self.steps;
+        let train_seconds: f64 = steps.iter().map(|m| m.seconds).sum();
+        let trained: usize = steps.iter().map(|m| m.sentences).sum();
+        RunSummary {
+            steps: self.trainer.steps_done(),
+            sentences,
+            first_loss: steps.first().map(|m| m.loss),
+            last_loss: steps.last().map(|m| m.loss),
+            initial_dev: self.evals.first().map(|e| e.1),
+            best_dev: self.best.map(|b| b.1),
+            best_step: self.best.map(|b| b.0),
+            final_dev: self.evals.last().map(|e| e.1),
+            ami_skipped_steps: steps
+                .iter()
+                .filter(|m| matches!(m.ami_status, AmiStatus::NonFinite | AmiStatus::ZeroSamples))
+                .count(),
+            seconds,
+            sentences_per_second: if train_seconds > 0.0 {
+                trained as f64 / train_seconds
+            } else {
+                0.0
+            },
+        }
+    }
 }
 
 /// Loss (and its parts) over steps, and dev Spearman at each evaluation.

@@ -18,7 +18,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Result, TrainError};
-use crate::objective::{AmiStatus, ObjectiveConfig, micse_loss};
+use crate::objective::{AmiStatus, LossParts, ObjectiveConfig, micse_loss};
 
 /// The training-only projection on [CLS]: `tanh(W x + b)`. Stored as `mlp.dense.*` (SimCSE's
 /// names) in `training_head.safetensors` beside a checkpoint, never in `model.safetensors`.
@@ -344,24 +344,11 @@ impl Trainer {
         self.model.as_ref().expect("model present between steps")
     }
 
-    /// One optimisation step on `sentences` (at least 2).
-    pub fn step(&mut self, sentences: &[&str]) -> Result<StepMetrics> {
-        if sentences.len() < 2 {
-            return Err(TrainError::Data(format!(
-                "a training batch needs at least 2 sentences, got {}",
-                sentences.len()
-            )));
-        }
-        let started = std::time::Instant::now();
-        let b = sentences.len();
-        let doubled: Vec<&str> = sentences.iter().chain(sentences).copied().collect();
-        let batch = self.tokenizer.encode_batch(&doubled, self.config.max_len)?;
-        let model = self.model.take().expect("model present");
-        let device = model.bert.embeddings.word.val().device();
-        let tensors = BatchTensors::new(&batch, &device);
+    /// The miCSE loss of a doubled batch (`b` sentences twice: two dropout views).
+    fn losses(&mut self, model: &TrainModel, tensors: &BatchTensors, b: usize) -> LossParts {
         let use_ami = self.config.objective.lambda != 0.0;
         let out = model.bert.forward(
-            &tensors,
+            tensors,
             &ForwardOptions {
                 attention_layers: if use_ami {
                     self.config.ami_layers.clone()
@@ -381,7 +368,7 @@ impl Trainer {
                 .collect()
         };
         let (att1, att2) = (split(&out.attentions, 0), split(&out.attentions, b));
-        let parts = micse_loss(
+        micse_loss(
             z1,
             z2,
             &att1,
@@ -389,7 +376,25 @@ impl Trainer {
             &self.config.objective,
             None,
             &mut self.rng,
-        );
+        )
+    }
+
+    /// One optimisation step on `sentences` (at least 2).
+    pub fn step(&mut self, sentences: &[&str]) -> Result<StepMetrics> {
+        if sentences.len() < 2 {
+            return Err(TrainError::Data(format!(
+                "a training batch needs at least 2 sentences, got {}",
+                sentences.len()
+            )));
+        }
+        let started = std::time::Instant::now();
+        let b = sentences.len();
+        let doubled: Vec<&str> = sentences.iter().chain(sentences).copied().collect();
+        let batch = self.tokenizer.encode_batch(&doubled, self.config.max_len)?;
+        let model = self.model.take().expect("model present");
+        let device = model.bert.embeddings.word.val().device();
+        let tensors = BatchTensors::new(&batch, &device);
+        let parts = self.losses(&model, &tensors, b);
         let loss_value: f64 = parts.loss.clone().into_scalar::<f32>() as f64;
         if !loss_value.is_finite() {
             self.model = Some(model);
