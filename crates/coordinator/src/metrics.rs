@@ -171,6 +171,7 @@ impl Metrics {
             self.rounds_total.set(f.rounds as i64);
             self.connected.set(
                 st.connected(
+                    std::time::Instant::now(),
                     std::time::Duration::from_secs(f.agent_timeout_secs),
                     |id, serial| shared.revocations.is_revoked(id, serial),
                 )

@@ -337,6 +337,7 @@ pub(crate) fn status(s: &Shared) -> StatusResponse {
     let f = &s.config.federation;
     let connected = st
         .connected(
+            Instant::now(),
             std::time::Duration::from_secs(f.agent_timeout_secs),
             |id, serial| s.revocations.is_revoked(id, serial),
         )
@@ -535,7 +536,7 @@ async fn receive_update(
         stored.path = shared
             .pending
             .spool(round, &stored, &update)
-            .map_err(Refusal::Storage)?;
+            .map_err(|e| Refusal::Storage(e.to_string()))?;
         Ok::<_, Refusal>(stored)
     })
     .await
@@ -589,7 +590,7 @@ fn accept(
     stored.path = s
         .pending
         .accept(&stored.path, id)
-        .map_err(Refusal::Storage)?;
+        .map_err(|e| Refusal::Storage(e.to_string()))?;
     let n = stored.num_samples;
     open.failed.remove(id);
     open.submitted.insert(id.to_string(), stored);
