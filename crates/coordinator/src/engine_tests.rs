@@ -28,6 +28,11 @@ fn state() -> State {
     State::new(Phase::Waiting { next: 1 }, Vec::new())
 }
 
+/// The start time, an engine and a fresh state.
+fn fresh(min_clients: usize, fraction: f64) -> (Instant, Engine, State) {
+    (Instant::now(), engine(min_clients, fraction), state())
+}
+
 fn at(t0: Instant, secs: u64) -> Clock {
     Clock {
         now: t0 + Duration::from_secs(secs),
@@ -95,6 +100,13 @@ fn opened(e: &mut Engine, t0: Instant) -> State {
     st
 }
 
+/// [`opened`] with a new engine.
+fn fresh_open(min_clients: usize, fraction: f64) -> (Instant, Engine, State) {
+    let (t0, mut e, _) = fresh(min_clients, fraction);
+    let st = opened(&mut e, t0);
+    (t0, e, st)
+}
+
 /// Every agent heartbeats at `t`.
 fn all_seen(st: &mut State, t: Instant) {
     let ids: Vec<String> = st.agents.keys().cloned().collect();
@@ -103,11 +115,18 @@ fn all_seen(st: &mut State, t: Instant) {
     }
 }
 
+/// Round 1 open for a, b and c, updates from a and b in, everyone heard from `secs` in.
+fn two_of_three(e: &mut Engine, t0: Instant, secs: u64) -> State {
+    let mut st = opened(e, t0);
+    submit(&mut st, "a");
+    submit(&mut st, "b");
+    all_seen(&mut st, t0 + Duration::from_secs(secs));
+    st
+}
+
 #[test]
 fn a_round_opens_once_min_clients_are_connected() {
-    let t0 = Instant::now();
-    let mut e = engine(2, 1.0);
-    let mut st = state();
+    let (t0, mut e, mut st) = fresh(2, 1.0);
     seen(&mut st, "a", t0);
     assert!(tick(&mut e, &mut st, at(t0, 0)).is_empty());
     assert!(matches!(st.phase, Phase::Waiting { next: 1 }));
@@ -127,9 +146,7 @@ fn a_round_opens_once_min_clients_are_connected() {
 
 #[test]
 fn an_agent_silent_past_the_timeout_is_not_counted_as_connected() {
-    let t0 = Instant::now();
-    let mut e = engine(2, 1.0);
-    let mut st = state();
+    let (t0, mut e, mut st) = fresh(2, 1.0);
     seen(&mut st, "a", t0);
     seen(&mut st, "b", t0 + Duration::from_secs(5));
     // a was last heard 11 s ago: only b is connected.
@@ -141,10 +158,7 @@ fn an_agent_silent_past_the_timeout_is_not_counted_as_connected() {
 fn a_complete_round_commits_before_its_deadline() {
     let t0 = Instant::now();
     let mut e = engine(2, 1.0);
-    let mut st = opened(&mut e, t0);
-    submit(&mut st, "a");
-    submit(&mut st, "b");
-    all_seen(&mut st, t0 + Duration::from_secs(5));
+    let mut st = two_of_three(&mut e, t0, 5);
     assert!(
         tick(&mut e, &mut st, at(t0, 5)).is_empty(),
         "c still trains"
@@ -165,11 +179,8 @@ fn a_complete_round_commits_before_its_deadline() {
 fn the_deadline_with_a_quorum_commits_what_arrived() {
     let t0 = Instant::now();
     let mut e = engine(2, 1.0);
-    let mut st = opened(&mut e, t0);
-    submit(&mut st, "a");
-    submit(&mut st, "b");
     // c keeps heartbeating but never sends: the round waits until the exact deadline.
-    all_seen(&mut st, t0 + Duration::from_secs(59));
+    let mut st = two_of_three(&mut e, t0, 59);
     assert!(tick(&mut e, &mut st, at(t0, 59)).is_empty());
     let actions = tick(&mut e, &mut st, at(t0, 60));
     assert!(
@@ -179,9 +190,7 @@ fn the_deadline_with_a_quorum_commits_what_arrived() {
 
 #[test]
 fn the_deadline_without_a_quorum_abandons_and_keeps_the_updates() {
-    let t0 = Instant::now();
-    let mut e = engine(2, 1.0);
-    let mut st = opened(&mut e, t0);
+    let (t0, mut e, mut st) = fresh_open(2, 1.0);
     submit(&mut st, "a");
     all_seen(&mut st, t0 + Duration::from_secs(59));
     let actions = tick(&mut e, &mut st, at(t0, 60));
@@ -237,9 +246,7 @@ fn a_silent_agent_is_dropped_and_its_slot_refilled() {
 
 #[test]
 fn an_agent_whose_update_was_refused_keeps_its_slot() {
-    let t0 = Instant::now();
-    let mut e = engine(3, 1.0);
-    let mut st = opened(&mut e, t0);
+    let (t0, mut e, mut st) = fresh_open(3, 1.0);
     seen(&mut st, "d", t0);
     open_round(&mut st).failed.insert("a".into());
     submit(&mut st, "b");
@@ -263,9 +270,7 @@ fn an_agent_whose_update_was_refused_keeps_its_slot() {
 
 #[test]
 fn a_revoked_agent_leaves_the_round_and_its_update_is_discarded() {
-    let t0 = Instant::now();
-    let mut e = engine(2, 1.0);
-    let mut st = opened(&mut e, t0);
+    let (t0, mut e, mut st) = fresh_open(2, 1.0);
     submit(&mut st, "b");
     let revoked = |id: &str, _: &str| id == "b";
     let actions = e.tick(&mut st, at(t0, 1), &revoked);
@@ -277,15 +282,22 @@ fn a_revoked_agent_leaves_the_round_and_its_update_is_discarded() {
     assert!(open.submitted.is_empty());
 }
 
+/// Restarted with a and b selected for round 1 before, a grace of 5 s, and a and c
+/// heard from `secs` in.
+fn restarted(t0: Instant, secs: u64) -> State {
+    let mut st = state();
+    st.selected_before = set(&["a", "b"]);
+    st.grace_until = Some(t0 + Duration::from_secs(5));
+    seen(&mut st, "a", t0 + Duration::from_secs(secs));
+    seen(&mut st, "c", t0 + Duration::from_secs(secs));
+    st
+}
+
 #[test]
 fn after_a_restart_the_round_waits_for_its_agents_within_the_grace() {
     let t0 = Instant::now();
     let mut e = engine(2, 1.0);
-    let mut st = state();
-    st.selected_before = set(&["a", "b"]);
-    st.grace_until = Some(t0 + Duration::from_secs(5));
-    seen(&mut st, "a", t0);
-    seen(&mut st, "c", t0);
+    let mut st = restarted(t0, 0);
     assert!(tick(&mut e, &mut st, at(t0, 1)).is_empty(), "b is awaited");
     seen(&mut st, "b", t0 + Duration::from_secs(2));
     tick(&mut e, &mut st, at(t0, 2));
@@ -297,11 +309,7 @@ fn after_a_restart_the_round_waits_for_its_agents_within_the_grace() {
 fn past_the_grace_the_round_reopens_and_readmits_latecomers() {
     let t0 = Instant::now();
     let mut e = engine(2, 1.0);
-    let mut st = state();
-    st.selected_before = set(&["a", "b"]);
-    st.grace_until = Some(t0 + Duration::from_secs(5));
-    seen(&mut st, "a", t0 + Duration::from_secs(4));
-    seen(&mut st, "c", t0 + Duration::from_secs(4));
+    let mut st = restarted(t0, 4);
     assert!(tick(&mut e, &mut st, at(t0, 4)).is_empty());
     let actions = tick(&mut e, &mut st, at(t0, 5));
     // b is still listed for the round on disk, so another restart waits for it too.

@@ -19,6 +19,7 @@ mod serve;
 mod service;
 mod startup;
 pub mod store;
+mod upload;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
