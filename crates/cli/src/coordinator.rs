@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use fedmicse_coordinator::{Coordinator, CoordinatorConfig, Store};
+use fedmicse_coordinator::{Coordinator, CoordinatorConfig, Faults, Store};
 
 use crate::runtime::{runtime, shutdown_signal};
 
@@ -42,7 +42,8 @@ pub fn run_coordinator(cmd: CoordinatorCmd) -> Result<()> {
         .min(std::time::Duration::from_secs(10));
     let rt = runtime()?;
     rt.block_on(async move {
-        let coordinator = tokio::task::spawn_blocking(move || Coordinator::new(config))
+        let faults = injected_faults();
+        let coordinator = tokio::task::spawn_blocking(move || Coordinator::with_faults(config, faults))
             .await?
             .map_err(anyhow::Error::msg)?;
         let listener = tokio::net::TcpListener::bind(listen)
@@ -59,6 +60,16 @@ pub fn run_coordinator(cmd: CoordinatorCmd) -> Result<()> {
         running.shutdown().await;
         Ok(())
     })
+}
+
+/// Faults the crash-safety tests inject through the environment (none otherwise).
+fn injected_faults() -> Faults {
+    Faults {
+        aggregation_delay: std::env::var("FEDMICSE_AGGREGATION_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(std::time::Duration::from_millis),
+    }
 }
 
 /// `--recover`: rolls the state directory back to its newest intact checkpoint.

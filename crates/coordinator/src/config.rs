@@ -357,6 +357,48 @@ impl CoordinatorConfig {
         if self.tls.is_some() && f.allowlist.is_empty() {
             return Err("federation.allowlist is empty: list the client ids (certificate names) allowed to join".into());
         }
+        f.validate()?;
+        self.updates.validate()?;
+        self.validate_limits()?;
+        self.aggregation.validate(f.min_clients)?;
+        if self.inference.max_sentences == 0 || self.inference.max_len < 3 {
+            return Err("inference.max_sentences must be ≥ 1 and inference.max_len ≥ 3".into());
+        }
+        self.task.validate()?;
+        Ok(())
+    }
+
+    /// Connection limits and timeouts.
+    fn validate_limits(&self) -> Result<(), String> {
+        let srv = &self.server;
+        if srv.max_connections == 0 || self.http.max_connections == 0 {
+            return Err(
+                "server.max_connections and http.max_connections must be at least 1".into(),
+            );
+        }
+        for (name, v) in [
+            (
+                "server.tls_handshake_timeout_secs",
+                srv.tls_handshake_timeout_secs,
+            ),
+            ("server.connection_idle_secs", srv.connection_idle_secs),
+            ("server.call_timeout_secs", srv.call_timeout_secs),
+            ("server.stream_idle_secs", srv.stream_idle_secs),
+            ("http.header_timeout_secs", self.http.header_timeout_secs),
+            ("http.idle_secs", self.http.idle_secs),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl FederationConfig {
+    /// Round settings, including those that could never run a round.
+    fn validate(&self) -> Result<(), String> {
+        let f = self;
         if f.rounds == 0 {
             return Err("federation.rounds must be at least 1".into());
         }
@@ -408,29 +450,15 @@ impl CoordinatorConfig {
                     .into(),
             );
         }
-        self.updates.validate()?;
-        let srv = &self.server;
-        if srv.max_connections == 0 || self.http.max_connections == 0 {
-            return Err(
-                "server.max_connections and http.max_connections must be at least 1".into(),
-            );
-        }
-        for (name, v) in [
-            (
-                "server.tls_handshake_timeout_secs",
-                srv.tls_handshake_timeout_secs,
-            ),
-            ("server.connection_idle_secs", srv.connection_idle_secs),
-            ("server.call_timeout_secs", srv.call_timeout_secs),
-            ("server.stream_idle_secs", srv.stream_idle_secs),
-            ("http.header_timeout_secs", self.http.header_timeout_secs),
-            ("http.idle_secs", self.http.idle_secs),
-        ] {
-            if v == 0 {
-                return Err(format!("{name} must be at least 1"));
-            }
-        }
-        let a = &self.aggregation;
+        Ok(())
+    }
+}
+
+impl AggregationConfig {
+    /// Rule settings; a robust rule must be able to outvote a hostile update with
+    /// `min_clients` updates.
+    fn validate(&self, min_clients: usize) -> Result<(), String> {
+        let a = self;
         if !(0.0..0.5).contains(&a.trim_fraction) {
             return Err(format!(
                 "aggregation.trim_fraction {} must be in [0, 0.5)",
@@ -449,25 +477,21 @@ impl CoordinatorConfig {
         // A robust rule needs enough updates to outvote a hostile one; refuse settings in
         // which it would quietly be a plain mean.
         match a.strategy {
-            Strategy::Median if f.min_clients < 3 => {
+            Strategy::Median if min_clients < 3 => {
                 return Err(format!(
                     "aggregation.strategy = \"median\" needs federation.min_clients of at least 3 (it is {}): the median of two updates is their mean",
-                    f.min_clients
+                    min_clients
                 ));
             }
-            Strategy::TrimmedMean if a.trim_count(f.min_clients) == 0 => {
+            Strategy::TrimmedMean if a.trim_count(min_clients) == 0 => {
                 let need = (1.0 / a.trim_fraction).ceil().max(3.0);
                 return Err(format!(
                     "aggregation.strategy = \"trimmed_mean\" with trim_fraction {} trims nothing with {} updates: raise trim_fraction or federation.min_clients to at least {need}",
-                    a.trim_fraction, f.min_clients
+                    a.trim_fraction, min_clients
                 ));
             }
             _ => {}
         }
-        if self.inference.max_sentences == 0 || self.inference.max_len < 3 {
-            return Err("inference.max_sentences must be ≥ 1 and inference.max_len ≥ 3".into());
-        }
-        self.task.validate()?;
         Ok(())
     }
 }

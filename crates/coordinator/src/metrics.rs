@@ -74,93 +74,37 @@ impl Metrics {
             latency: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             registry: Registry::default(),
         };
-        registry.register(
-            "round",
-            "Current round (open, aggregating, or last committed)",
-            m.round.clone(),
-        );
-        registry.register(
-            "rounds_total",
-            "Rounds the federation runs",
-            m.rounds_total.clone(),
-        );
-        registry.register("phase", "1 for the current phase", m.phase.clone());
-        registry.register(
-            "agents_connected",
-            "Agents heard from within the agent timeout",
-            m.connected.clone(),
-        );
-        registry.register(
-            "agents_selected",
-            "Agents selected for the open round",
-            m.selected.clone(),
-        );
-        registry.register(
-            "agents_answered",
-            "Updates accepted in the open round",
-            m.answered.clone(),
-        );
-        registry.register(
-            "updates_refused",
-            "Updates refused, by failed check",
-            m.refused.clone(),
-        );
-        registry.register(
-            "bytes_received",
-            "Update payload bytes received",
-            m.bytes_in.clone(),
-        );
-        registry.register(
-            "bytes_sent",
-            "Model payload bytes sent",
-            m.bytes_out.clone(),
-        );
-        registry.register(
-            "aggregation_seconds",
-            "Time to aggregate, evaluate and commit a round",
-            m.aggregation_seconds.clone(),
-        );
-        registry.register(
-            "global_dev_spearman",
-            "STS dev Spearman ×100 of the newest global model",
-            m.dev_spearman.clone(),
-        );
-        registry.register(
-            "rounds_abandoned",
-            "Rounds retried for lack of updates at the deadline",
-            m.abandoned.clone(),
-        );
-        registry.register(
-            "rounds_refused",
-            "Aggregates not committed because the new model failed its checks",
-            m.rounds_refused.clone(),
-        );
-        registry.register(
-            "commit_failures",
-            "Commits that failed (e.g. a full disk); retried with a capped exponential backoff",
-            m.commit_failures.clone(),
-        );
-        registry.register(
-            "agents_dropped",
-            "Selected agents dropped from an open round: silent past the agent timeout, or stalled",
-            m.agents_dropped.clone(),
-        );
-        registry.register(
-            "connections_closed",
-            "Connections closed by a limit, by listener and reason",
-            m.connections_refused.clone(),
-        );
-        registry.register(
-            "inference_requests",
-            "Inference requests by endpoint and status",
-            m.requests.clone(),
-        );
-        registry.register(
-            "inference_latency_seconds",
-            "Inference request latency",
-            m.latency.clone(),
-        );
+        m.register(&mut registry);
         Metrics { registry, ..m }
+    }
+
+    /// Names and helps of every metric (the names are an interface: dashboards use them).
+    fn register(&self, registry: &mut Registry) {
+        macro_rules! register {
+            ($($name:literal, $help:literal, $field:ident;)*) => {
+                $(registry.register($name, $help, self.$field.clone());)*
+            };
+        }
+        register! {
+            "round", "Current round (open, aggregating, or last committed)", round;
+            "rounds_total", "Rounds the federation runs", rounds_total;
+            "phase", "1 for the current phase", phase;
+            "agents_connected", "Agents heard from within the agent timeout", connected;
+            "agents_selected", "Agents selected for the open round", selected;
+            "agents_answered", "Updates accepted in the open round", answered;
+            "updates_refused", "Updates refused, by failed check", refused;
+            "bytes_received", "Update payload bytes received", bytes_in;
+            "bytes_sent", "Model payload bytes sent", bytes_out;
+            "aggregation_seconds", "Time to aggregate, evaluate and commit a round", aggregation_seconds;
+            "global_dev_spearman", "STS dev Spearman ×100 of the newest global model", dev_spearman;
+            "rounds_abandoned", "Rounds retried for lack of updates at the deadline", abandoned;
+            "rounds_refused", "Aggregates not committed because the new model failed its checks", rounds_refused;
+            "commit_failures", "Commits that failed (e.g. a full disk); retried with a capped exponential backoff", commit_failures;
+            "agents_dropped", "Selected agents dropped from an open round: silent past the agent timeout, or stalled", agents_dropped;
+            "connections_closed", "Connections closed by a limit, by listener and reason", connections_refused;
+            "inference_requests", "Inference requests by endpoint and status", requests;
+            "inference_latency_seconds", "Inference request latency", latency;
+        }
     }
 
     /// Prometheus text exposition, gauges refreshed from the round state.
@@ -171,6 +115,7 @@ impl Metrics {
             self.rounds_total.set(f.rounds as i64);
             self.connected.set(
                 st.connected(
+                    std::time::Instant::now(),
                     std::time::Duration::from_secs(f.agent_timeout_secs),
                     |id, serial| shared.revocations.is_revoked(id, serial),
                 )

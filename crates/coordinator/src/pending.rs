@@ -9,6 +9,8 @@ use fedmicse_federation::{Influence, Strategy, UpdateStats, combine};
 use fedmicse_tensors::safetensors::TensorFile;
 use fedmicse_tensors::{HostTensor, TensorMap, write_atomic};
 
+use crate::error::StoreError;
+
 /// One stored update.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stored {
@@ -47,12 +49,12 @@ pub struct Pending {
     dir: PathBuf,
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> String + '_ {
-    move |e| format!("{}: {e}", path.display())
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    StoreError::io(path)
 }
 
 impl Pending {
-    pub fn open(state_dir: &Path) -> Result<Self, String> {
+    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
         let dir = state_dir.join("pending");
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         // Spool files never accepted (the coordinator stopped while one was being checked).
@@ -78,7 +80,12 @@ impl Pending {
 
     /// Writes a checked update durably under a temporary name of its own; it counts only
     /// once [`Pending::accept`] gives it its final name. Nothing is left behind on failure.
-    pub fn spool(&self, round: u64, s: &Stored, tensors: &TensorMap) -> Result<PathBuf, String> {
+    pub fn spool(
+        &self,
+        round: u64,
+        s: &Stored,
+        tensors: &TensorMap,
+    ) -> Result<PathBuf, StoreError> {
         let dir = self.round_dir(round);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let meta = BTreeMap::from([
@@ -100,15 +107,17 @@ impl Pending {
         let path = dir.join(format!("{}.{nonce:016x}.{PARTIAL}", s.client));
         if let Err(e) = fedmicse_tensors::safetensors::write(&path, tensors, &meta) {
             let _ = std::fs::remove_file(&path);
-            return Err(e.to_string());
+            return Err(e.into());
         }
         Ok(path)
     }
 
     /// Gives a spooled update its final name (`CLIENT.safetensors`): from now on it counts,
     /// also after a crash. Call with the round state locked.
-    pub fn accept(&self, partial: &Path, client: &str) -> Result<PathBuf, String> {
-        let dir = partial.parent().ok_or("spool file has no folder")?;
+    pub fn accept(&self, partial: &Path, client: &str) -> Result<PathBuf, StoreError> {
+        let dir = partial
+            .parent()
+            .ok_or_else(|| StoreError::Invalid("spool file has no folder".into()))?;
         let path = dir.join(format!("{client}.safetensors"));
         std::fs::rename(partial, &path).map_err(io(&path))?;
         fedmicse_tensors::sync_dir(dir);
@@ -184,28 +193,35 @@ impl Pending {
     }
 }
 
-fn read_meta(path: &Path) -> Result<Stored, String> {
-    let file = TensorFile::open(path).map_err(|e| e.to_string())?;
+fn read_meta(path: &Path) -> Result<Stored, StoreError> {
+    let file = TensorFile::open(path)?;
     let m = file.metadata();
+    let invalid = |why: String| StoreError::Invalid(why);
     let get = |k: &str| {
         m.get(k)
             .cloned()
-            .ok_or_else(|| format!("metadata lacks {k}"))
+            .ok_or_else(|| invalid(format!("metadata lacks {k}")))
     };
     let client = get("client")?;
-    fedmicse_wire::certs::check_agent_id(&client).map_err(|e| e.to_string())?;
+    fedmicse_wire::certs::check_agent_id(&client).map_err(|e| invalid(e.to_string()))?;
     if path.file_stem().and_then(|s| s.to_str()) != Some(client.as_str()) {
-        return Err(format!("names client {client:?} but is not its file"));
+        return Err(invalid(format!(
+            "names client {client:?} but is not its file"
+        )));
     }
     Ok(Stored {
         norm: m.get("norm").and_then(|v| v.parse().ok()).unwrap_or(0.0),
         declared: m.get("declared").and_then(|v| v.parse().ok()).unwrap_or(0),
         serial: m.get("serial").cloned().unwrap_or_default(),
         client,
-        num_samples: get("num_samples")?.parse().map_err(|_| "bad num_samples")?,
-        scale: get("scale")?.parse().map_err(|_| "bad scale")?,
+        num_samples: get("num_samples")?
+            .parse()
+            .map_err(|_| invalid("bad num_samples".into()))?,
+        scale: get("scale")?
+            .parse()
+            .map_err(|_| invalid("bad scale".into()))?,
         mean_loss: get("mean_loss")?.parse().ok(),
-        digest: hex::decode(get("digest")?).map_err(|_| "bad digest")?,
+        digest: hex::decode(get("digest")?).map_err(|_| invalid("bad digest".into()))?,
         path: path.to_path_buf(),
     })
 }
@@ -222,13 +238,12 @@ pub fn aggregate(
     expected: &BTreeMap<String, Vec<usize>>,
     strategy: Strategy,
     trim_fraction: f64,
-) -> Result<TensorMap, String> {
+) -> Result<TensorMap, StoreError> {
     assert_eq!(stored.len(), influence.len());
     let files = stored
         .iter()
         .map(|s| TensorFile::open(&s.path))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
+        .collect::<Result<Vec<_>, _>>()?;
     let weights: Vec<f64> = influence.iter().map(|i| i.weight).collect();
     let scales: Vec<f64> = influence.iter().map(|i| i.scale).collect();
     let mut buffers = vec![vec![0f32; SLICE]; stored.len()];
@@ -240,8 +255,7 @@ pub fn aggregate(
         while start < len {
             let end = (start + SLICE).min(len);
             for (f, buf) in files.iter().zip(buffers.iter_mut()) {
-                f.read_slice(name, start, &mut buf[..end - start])
-                    .map_err(|e| e.to_string())?;
+                f.read_slice(name, start, &mut buf[..end - start])?;
             }
             let cols: Vec<&[f32]> = buffers.iter().map(|b| &b[..end - start]).collect();
             combine(

@@ -20,6 +20,7 @@ pub struct AgentSeen {
 }
 
 /// A round accepting updates.
+#[derive(Debug)]
 pub struct OpenRound {
     pub round: u64,
     pub selected: BTreeSet<String>,
@@ -73,7 +74,7 @@ impl OpenRound {
         self.submitted.remove(id)
     }
 
-    pub fn record(&self, stsb_dev: Option<f64>) -> RoundRecord {
+    pub fn record(&self, stsb_dev: Option<f64>, now: Instant) -> RoundRecord {
         let losses: Vec<(u64, f64)> = self
             .submitted
             .values()
@@ -89,7 +90,7 @@ impl OpenRound {
             stsb_dev,
             bytes_up: self.bytes_up,
             bytes_down: self.bytes_down,
-            seconds: self.opened.elapsed().as_secs_f64(),
+            seconds: now.saturating_duration_since(self.opened).as_secs_f64(),
             refused: self.refused.clone(),
             bounded: 0,
             step_ratio: None,
@@ -128,16 +129,35 @@ pub struct State {
 }
 
 impl State {
-    /// Agents heard from within `timeout` whose certificate `revoked` does not name.
+    /// A coordinator's state at start-up, in `phase`, with the round log so far.
+    pub fn new(phase: Phase, history: Vec<RoundRecord>) -> Self {
+        State {
+            phase,
+            agents: HashMap::new(),
+            history,
+            refused_total: BTreeMap::new(),
+            abandoned_rounds: 0,
+            closed: None,
+            recovered: Vec::new(),
+            selected_before: BTreeSet::new(),
+            grace_until: None,
+        }
+    }
+
+    /// Agents heard from within `timeout` before `now` whose certificate `revoked` does
+    /// not name.
     pub fn connected(
         &self,
+        now: Instant,
         timeout: Duration,
         revoked: impl Fn(&str, &str) -> bool,
     ) -> Vec<String> {
         let mut ids: Vec<String> = self
             .agents
             .iter()
-            .filter(|(id, a)| a.last_seen.elapsed() <= timeout && !revoked(id, &a.serial))
+            .filter(|(id, a)| {
+                now.saturating_duration_since(a.last_seen) <= timeout && !revoked(id, &a.serial)
+            })
             .map(|(id, _)| id.clone())
             .collect();
         ids.sort();

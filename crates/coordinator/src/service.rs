@@ -4,19 +4,18 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fedmicse_federation::{Refusal, validate_update};
+use fedmicse_federation::Refusal;
 use fedmicse_wire::pb::{
     self, JoinRequest, JoinResponse, ModelChunk, ModelFile, ModelHeader, PullRequest,
     StatusRequest, StatusResponse, SubmitResponse, UpdateChunk, federation_server::Federation,
-    model_chunk, update_chunk,
+    model_chunk,
 };
-use fedmicse_wire::{Assembler, Limits, chunk_tensors, peer_identity};
+use fedmicse_wire::{chunk_tensors, peer_identity};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::Shared;
-use crate::pending::Stored;
 use crate::rounds::{AgentSeen, Phase};
+use crate::{GlobalModel, Shared};
 
 pub struct FederationService {
     shared: Arc<Shared>,
@@ -190,89 +189,26 @@ impl Federation for FederationService {
                 "a model download for this agent is already in flight",
             ));
         };
-        {
-            let mut st = self.shared.lock();
-            match &mut st.phase {
-                Phase::Training(open) if open.round == round => {
-                    if !open.readmit(&id) {
-                        // Temporary: the agent may be selected for a later round.
-                        return Err(Status::failed_precondition(format!(
-                            "not selected for round {round}"
-                        )));
-                    }
-                }
-                _ => {
-                    return Err(Status::failed_precondition(format!(
-                        "round {round} is not open"
-                    )));
-                }
-            }
-        }
+        may_pull(&self.shared, &id, round)?;
         let global = self.shared.global.load_full();
-        let shared = self.shared.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<ModelChunk, Status>>(2);
-        let downloads = self.shared.downloads.clone();
-        let idle = std::time::Duration::from_secs(self.shared.config.server.stream_idle_secs);
+        let shared = self.shared.clone();
         tokio::spawn(async move {
             let _slot = slot;
             // Bounded memory: a few chunks per download, a bounded number of downloads.
-            let Ok(_permit) = downloads.acquire_owned().await else {
+            let Ok(_permit) = shared.downloads.clone().acquire_owned().await else {
                 return;
             };
-            // A reader that stops reading loses its download after `idle`, freeing its
-            // permit for the others.
-            let send = |msg| {
-                let tx = tx.clone();
-                async move {
-                    match tokio::time::timeout(idle, tx.send(msg)).await {
-                        Ok(Ok(())) => Ok(()),
-                        Ok(Err(_)) => Err("the agent closed the stream"),
-                        Err(_) => Err("the agent stopped reading"),
+            match stream_model(&shared, &global, tx).await {
+                Ok(sent) => {
+                    let mut st = shared.lock();
+                    if let Phase::Training(open) = &mut st.phase
+                        && open.round == round
+                    {
+                        open.bytes_down += sent;
                     }
                 }
-            };
-            let header = ModelHeader {
-                round: global.round,
-                tensor_count: global.tensors.len() as u32,
-                total_bytes: fedmicse_wire::tensors::total_bytes(&global.tensors),
-                digest: global.digest.clone(),
-                files: global
-                    .files
-                    .iter()
-                    .map(|(name, content)| ModelFile {
-                        name: name.clone(),
-                        content: content.clone(),
-                    })
-                    .collect(),
-            };
-            let mut sent = header
-                .files
-                .iter()
-                .map(|f| f.content.len() as u64)
-                .sum::<u64>();
-            let head = Ok(ModelChunk {
-                part: Some(model_chunk::Part::Header(header)),
-            });
-            if let Err(why) = send(head).await {
-                tracing::warn!(client = %id, why, "model download interrupted");
-                return;
-            }
-            for chunk in chunk_tensors(&global.tensors) {
-                sent += chunk.data.len() as u64;
-                let msg = ModelChunk {
-                    part: Some(model_chunk::Part::Tensor(chunk)),
-                };
-                if let Err(why) = send(Ok(msg)).await {
-                    tracing::warn!(client = %id, why, "model download interrupted");
-                    return;
-                }
-            }
-            drop(tx);
-            let mut st = shared.lock();
-            if let Phase::Training(open) = &mut st.phase
-                && open.round == round
-            {
-                open.bytes_down += sent;
+                Err(why) => tracing::warn!(client = %id, why, "model download interrupted"),
             }
         });
         Ok(Response::new(Box::pin(
@@ -295,7 +231,7 @@ impl Federation for FederationService {
             s.lock().refuse(refusal.kind());
             return Err(refusal_status(&refusal));
         };
-        let result = receive_update(&s, &caller, req.into_inner()).await;
+        let result = crate::upload::receive_update(&s, &caller, req.into_inner()).await;
         match result {
             Ok(resp) => Ok(Response::new(resp)),
             Err(refusal) => {
@@ -332,11 +268,84 @@ impl Federation for FederationService {
     }
 }
 
+/// Whether `id` may download the model of `round`: the round is open and selected it.
+fn may_pull(shared: &Shared, id: &str, round: u64) -> Result<(), Status> {
+    let mut st = shared.lock();
+    match &mut st.phase {
+        Phase::Training(open) if open.round == round => {
+            if open.readmit(id) {
+                Ok(())
+            } else {
+                // Temporary: the agent may be selected for a later round.
+                Err(Status::failed_precondition(format!(
+                    "not selected for round {round}"
+                )))
+            }
+        }
+        _ => Err(Status::failed_precondition(format!(
+            "round {round} is not open"
+        ))),
+    }
+}
+
+/// Streams the global model (header with its files, then tensor chunks) into `tx`.
+/// Returns the bytes sent; a reader that stops reading loses its download after the
+/// stream idle time, freeing its permit for the others.
+async fn stream_model(
+    shared: &Shared,
+    global: &GlobalModel,
+    tx: tokio::sync::mpsc::Sender<Result<ModelChunk, Status>>,
+) -> Result<u64, &'static str> {
+    let idle = Duration::from_secs(shared.config.server.stream_idle_secs);
+    let send = |msg| {
+        let tx = tx.clone();
+        async move {
+            match tokio::time::timeout(idle, tx.send(msg)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err("the agent closed the stream"),
+                Err(_) => Err("the agent stopped reading"),
+            }
+        }
+    };
+    let header = ModelHeader {
+        round: global.round,
+        tensor_count: global.tensors.len() as u32,
+        total_bytes: fedmicse_wire::tensors::total_bytes(&global.tensors),
+        digest: global.digest.clone(),
+        files: global
+            .files
+            .iter()
+            .map(|(name, content)| ModelFile {
+                name: name.clone(),
+                content: content.clone(),
+            })
+            .collect(),
+    };
+    let mut sent = header
+        .files
+        .iter()
+        .map(|f| f.content.len() as u64)
+        .sum::<u64>();
+    send(Ok(ModelChunk {
+        part: Some(model_chunk::Part::Header(header)),
+    }))
+    .await?;
+    for chunk in chunk_tensors(&global.tensors) {
+        sent += chunk.data.len() as u64;
+        let msg = ModelChunk {
+            part: Some(model_chunk::Part::Tensor(chunk)),
+        };
+        send(Ok(msg)).await?;
+    }
+    Ok(sent)
+}
+
 pub(crate) fn status(s: &Shared) -> StatusResponse {
     let st = s.lock();
     let f = &s.config.federation;
     let connected = st
         .connected(
+            Instant::now(),
             std::time::Duration::from_secs(f.agent_timeout_secs),
             |id, serial| s.revocations.is_revoked(id, serial),
         )
@@ -379,234 +388,4 @@ pub(crate) fn status(s: &Shared) -> StatusResponse {
         }
     } as i32;
     r
-}
-
-fn assembly_refusal(e: fedmicse_wire::AssemblyError) -> Refusal {
-    use fedmicse_wire::AssemblyError as A;
-    match e {
-        A::Digest { .. } => Refusal::Digest(e.to_string()),
-        A::DType { .. } => Refusal::DType(e.to_string()),
-        other => Refusal::Stream(other.to_string()),
-    }
-}
-
-/// The next message of an upload, or a refusal when none comes within `idle`.
-async fn next_chunk(
-    stream: &mut Streaming<UpdateChunk>,
-    idle: Duration,
-) -> Result<Option<UpdateChunk>, Refusal> {
-    match tokio::time::timeout(idle, stream.message()).await {
-        Ok(r) => r.map_err(|e| Refusal::Stream(e.message().to_string())),
-        Err(_) => Err(Refusal::Idle(idle.as_secs())),
-    }
-}
-
-/// Receives, checks and stores one update. The caller holds the agent's upload slot.
-async fn receive_update(
-    s: &Arc<Shared>,
-    caller: &Caller,
-    mut stream: Streaming<UpdateChunk>,
-) -> Result<SubmitResponse, Refusal> {
-    let id = caller.id.as_str();
-    let idle = Duration::from_secs(s.config.server.stream_idle_secs);
-    let first = next_chunk(&mut stream, idle)
-        .await?
-        .ok_or_else(|| Refusal::Stream("empty stream".into()))?;
-    let Some(update_chunk::Part::Header(header)) = first.part else {
-        return Err(Refusal::Stream(
-            "the first message must be the update header".into(),
-        ));
-    };
-    // Cheap checks before any data is read.
-    let expected = {
-        let mut st = s.lock();
-        if let Some((round, digests)) = &st.closed
-            && *round == header.round
-            && digests.get(id) == Some(&header.digest)
-        {
-            return Ok(SubmitResponse {
-                accepted: true,
-                round: *round,
-                message: "already received (retry ignored; the round is closed)".into(),
-            });
-        }
-        let Phase::Training(open) = &mut st.phase else {
-            return Err(Refusal::NoRound);
-        };
-        if open.round != header.round {
-            return Err(Refusal::WrongRound {
-                got: header.round,
-                open: open.round,
-            });
-        }
-        if !open.readmit(id) {
-            return Err(Refusal::NotSelected(open.round));
-        }
-        if Instant::now() >= open.deadline {
-            return Err(Refusal::Late(open.round));
-        }
-        if let Some(prev) = open.submitted.get(id) {
-            if prev.digest == header.digest {
-                return Ok(SubmitResponse {
-                    accepted: true,
-                    round: open.round,
-                    message: "already received (retry ignored)".into(),
-                });
-            }
-            return Err(Refusal::Duplicate(open.round));
-        }
-        if header.num_samples == 0 || header.num_samples > s.config.updates.max_samples {
-            return Err(Refusal::Samples {
-                got: header.num_samples,
-                max: s.config.updates.max_samples,
-            });
-        }
-        open.expected.clone()
-    };
-    let dtype = s.config.task.update_dtype;
-    let elem = dtype.size() as u64;
-    let expected_bytes: u64 = expected
-        .values()
-        .map(|s| s.iter().product::<usize>() as u64 * elem)
-        .sum();
-    // Bounded memory: only so many updates are held at once; others wait here, their
-    // streams held back by HTTP/2 flow control. Every holder is bounded by the idle timeout.
-    let _permit = s.uploads.acquire().await.expect("semaphore open");
-    let mut assembler = Assembler::new(Limits {
-        max_tensors: expected.len(),
-        max_total_bytes: expected_bytes,
-        dtype: Some(dtype),
-    });
-    let mut received: u64 = 0;
-    let outcome: Result<_, Refusal> = async {
-        while let Some(msg) = next_chunk(&mut stream, idle).await? {
-            match msg.part {
-                Some(update_chunk::Part::Tensor(chunk)) => {
-                    received += chunk.data.len() as u64;
-                    assembler.push(chunk).map_err(assembly_refusal)?;
-                }
-                _ => return Err(Refusal::Stream("a second header in the stream".into())),
-            }
-        }
-        assembler
-            .finish(
-                header.tensor_count as u64,
-                header.total_bytes,
-                &header.digest,
-            )
-            .map_err(assembly_refusal)
-    }
-    .await;
-    {
-        let mut st = s.lock();
-        if let Phase::Training(open) = &mut st.phase
-            && open.round == header.round
-        {
-            open.bytes_up += received;
-        }
-    }
-    let update = outcome?;
-    let rules = s.config.updates.clone();
-    let n = header.num_samples;
-    let mut stored = Stored {
-        client: id.to_string(),
-        num_samples: n,
-        scale: 1.0,
-        mean_loss: header
-            .metrics
-            .as_ref()
-            .map(|m| m.mean_loss)
-            .filter(|l| l.is_finite()),
-        digest: header.digest.clone(),
-        path: Default::default(),
-        norm: 0.0,
-        declared: 0,
-        serial: caller.serial.clone(),
-    };
-    // Check, then spool durably under a name of its own; it counts once renamed below.
-    let shared = s.clone();
-    let round = header.round;
-    let stored = tokio::task::spawn_blocking(move || {
-        stored.scale = validate_update(&update, &expected, n, &rules)?;
-        stored.norm = fedmicse_federation::l2_norm(&update);
-        if stored.scale < 1.0 {
-            tracing::info!(client = %stored.client, scale = stored.scale, "update clipped to the norm bound");
-        }
-        stored.path = shared
-            .pending
-            .spool(round, &stored, &update)
-            .map_err(Refusal::Storage)?;
-        Ok::<_, Refusal>(stored)
-    })
-    .await
-    .map_err(|e| Refusal::Storage(e.to_string()))??;
-    let spooled = stored.path.clone();
-    let accepted = accept(s, caller, &header, stored, received);
-    if accepted.is_err() {
-        s.pending.discard(&spooled);
-    }
-    let resp = accepted?;
-    s.wake.notify_one();
-    Ok(resp)
-}
-
-/// Admits a checked, spooled update to the open round, under the state lock: the round,
-/// the agent's certificate and its slot are checked again (all may have changed while the
-/// update streamed in), and only then does the file get its final name.
-fn accept(
-    s: &Shared,
-    caller: &Caller,
-    header: &pb::UpdateHeader,
-    mut stored: Stored,
-    received: u64,
-) -> Result<SubmitResponse, Refusal> {
-    let id = caller.id.as_str();
-    if s.revocations.is_revoked(id, &caller.serial) {
-        return Err(Refusal::Revoked);
-    }
-    let mut st = s.lock();
-    let declared = st.agents.get(id).map_or(0, |a| a.shard_size);
-    let Phase::Training(open) = &mut st.phase else {
-        return Err(Refusal::NoRound);
-    };
-    if open.round != header.round {
-        return Err(Refusal::WrongRound {
-            got: header.round,
-            open: open.round,
-        });
-    }
-    if !open.selected.contains(id) {
-        return Err(Refusal::NotSelected(open.round));
-    }
-    // Exactly at the deadline: an update that finished streaming later does not count.
-    if Instant::now() >= open.deadline {
-        return Err(Refusal::Late(open.round));
-    }
-    if open.submitted.contains_key(id) {
-        return Err(Refusal::Duplicate(open.round));
-    }
-    stored.declared = declared;
-    stored.path = s
-        .pending
-        .accept(&stored.path, id)
-        .map_err(Refusal::Storage)?;
-    let n = stored.num_samples;
-    open.failed.remove(id);
-    open.submitted.insert(id.to_string(), stored);
-    let round = open.round;
-    tracing::info!(
-        client = %id,
-        round,
-        samples = n,
-        declared,
-        bytes = received,
-        answered = open.submitted.len(),
-        selected = open.selected.len(),
-        "update accepted"
-    );
-    Ok(SubmitResponse {
-        accepted: true,
-        round,
-        message: "accepted".into(),
-    })
 }
