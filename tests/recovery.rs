@@ -18,15 +18,7 @@ fn record(round: u64) -> RoundRecord {
     RoundRecord {
         round,
         clients: u32::from(round > 0),
-        mean_loss: None,
-        stsb_dev: None,
-        bytes_up: 0,
-        bytes_down: 0,
-        seconds: 0.0,
-        refused: Default::default(),
-        bounded: 0,
-        step_ratio: None,
-        digest: None,
+        ..Default::default()
     }
 }
 

@@ -284,22 +284,7 @@ impl Agent {
         pending: &mut Option<Pending>,
         report: &mut AgentReport,
     ) -> Result<(), RoundError> {
-        // Heartbeat: while this agent pulls, trains and uploads, it tells the coordinator it
-        // is alive, so a dead agent is told apart from a slow one within a few polls.
-        let _heartbeat = {
-            let mut hb = conn.clone();
-            let shard_size = self.join_shard_size();
-            let every = Duration::from_millis(resp.poll_after_ms.max(100) as u64);
-            AbortOnDrop(
-                tokio::spawn(async move {
-                    loop {
-                        tokio::time::sleep(every).await;
-                        let _ = hb.join(shard_size).await;
-                    }
-                })
-                .abort_handle(),
-            )
-        };
+        let _heartbeat = self.heartbeat(conn, resp);
         let task = resp
             .task
             .as_ref()
@@ -310,57 +295,7 @@ impl Agent {
             .as_ref()
             .is_some_and(|p| p.round == resp.round && p.model_digest == resp.model_digest);
         if !reusable {
-            let pulled = conn
-                .pull_with(resp.round, &self.pull_limits)
-                .await
-                .map_err(|e| match e {
-                    PullError::Status(s) => RoundError::from(s),
-                    // Beyond this agent's limits, or not what its own header declared.
-                    PullError::Refused(why) => refuse(&report.client_id, resp.round, "model", why),
-                })?;
-            check_pulled(&pulled, resp)
-                .map_err(|e| refuse(&report.client_id, resp.round, "model", e))?;
-            report.bytes_down += pulled.bytes;
-            self.metrics.bytes_down.inc_by(pulled.bytes);
-            tracing::info!(agent = %report.client_id, round = resp.round, bytes = pulled.bytes, "pulled the global model");
-            let seed = round_seed(task.seed, &report.client_id, resp.round);
-            let shard = self.shard.clone();
-            let trainer = self.trainer.clone();
-            let gate = self.train_gate.clone();
-            let task2 = task.clone();
-            let _permit = match &gate {
-                Some(g) => Some(
-                    g.clone()
-                        .acquire_owned()
-                        .await
-                        .map_err(|e| RoundError::Temporary(e.to_string()))?,
-                ),
-                None => None,
-            };
-            let (delta, metrics) = tokio::task::spawn_blocking(move || {
-                train_round(trainer.as_ref(), pulled, &shard, &task2, seed)
-            })
-            .await
-            .map_err(|e| RoundError::Temporary(e.to_string()))?
-            .map_err(|e| RoundError::Temporary(e.to_string()))?;
-            tracing::info!(agent = %report.client_id, round = resp.round, steps = metrics.steps, mean_loss = metrics.mean_loss, seconds = format!("{:.1}", metrics.seconds), "trained locally");
-            self.metrics.steps.inc_by(metrics.steps as u64);
-            self.metrics.loss.set(metrics.mean_loss);
-            let rows =
-                (metrics.steps as f64) * (task.batch_size as f64).min(self.shard.len() as f64);
-            if metrics.seconds > 0.0 {
-                self.metrics
-                    .sentences_per_second
-                    .set(rows / metrics.seconds);
-            }
-            *pending = Some(Pending {
-                round: resp.round,
-                model_digest: resp.model_digest.clone(),
-                num_samples: self.shard.len() as u64,
-                metrics,
-                delta: Arc::new(delta),
-                dtype: task.update_dtype,
-            });
+            *pending = Some(self.pull_and_train(conn, resp, &task, report).await?);
         }
         let p = pending.as_ref().expect("pending update");
         let bytes = fedmicse_wire::tensors::total_bytes_as(&p.delta, p.dtype);
@@ -384,6 +319,81 @@ impl Agent {
         tracing::info!(agent = %report.client_id, round = p.round, bytes, reply = %r.message, "update sent");
         *pending = None;
         Ok(())
+    }
+
+    /// While this agent pulls, trains and uploads it tells the coordinator it is alive, so a
+    /// dead agent is told apart from a slow one within a few polls. Stops when dropped.
+    fn heartbeat(&self, conn: &Connection, resp: &pb::JoinResponse) -> AbortOnDrop {
+        let mut hb = conn.clone();
+        let shard_size = self.join_shard_size();
+        let every = Duration::from_millis(resp.poll_after_ms.max(100) as u64);
+        AbortOnDrop(
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let _ = hb.join(shard_size).await;
+                }
+            })
+            .abort_handle(),
+        )
+    }
+
+    /// Pulls the round's model, checks it is the announced one, and trains on the shard
+    /// (at most `train_gate` agents of a process at once).
+    async fn pull_and_train(
+        &self,
+        conn: &mut Connection,
+        resp: &pb::JoinResponse,
+        task: &TaskConfig,
+        report: &mut AgentReport,
+    ) -> Result<Pending, RoundError> {
+        let pulled = conn
+            .pull_with(resp.round, &self.pull_limits)
+            .await
+            .map_err(|e| match e {
+                PullError::Status(s) => RoundError::from(s),
+                // Beyond this agent's limits, or not what its own header declared.
+                PullError::Refused(why) => refuse(&report.client_id, resp.round, "model", why),
+            })?;
+        check_pulled(&pulled, resp)
+            .map_err(|e| refuse(&report.client_id, resp.round, "model", e))?;
+        report.bytes_down += pulled.bytes;
+        self.metrics.bytes_down.inc_by(pulled.bytes);
+        tracing::info!(agent = %report.client_id, round = resp.round, bytes = pulled.bytes, "pulled the global model");
+        let seed = round_seed(task.seed, &report.client_id, resp.round);
+        let (shard, trainer, task2) = (self.shard.clone(), self.trainer.clone(), task.clone());
+        let _permit = match &self.train_gate {
+            Some(g) => Some(
+                g.clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| RoundError::Temporary(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let (delta, metrics) = tokio::task::spawn_blocking(move || {
+            train_round(trainer.as_ref(), pulled, &shard, &task2, seed)
+        })
+        .await
+        .map_err(|e| RoundError::Temporary(e.to_string()))?
+        .map_err(|e| RoundError::Temporary(e.to_string()))?;
+        tracing::info!(agent = %report.client_id, round = resp.round, steps = metrics.steps, mean_loss = metrics.mean_loss, seconds = format!("{:.1}", metrics.seconds), "trained locally");
+        self.metrics.steps.inc_by(metrics.steps as u64);
+        self.metrics.loss.set(metrics.mean_loss);
+        let rows = (metrics.steps as f64) * (task.batch_size as f64).min(self.shard.len() as f64);
+        if metrics.seconds > 0.0 {
+            self.metrics
+                .sentences_per_second
+                .set(rows / metrics.seconds);
+        }
+        Ok(Pending {
+            round: resp.round,
+            model_digest: resp.model_digest.clone(),
+            num_samples: self.shard.len() as u64,
+            metrics,
+            delta: Arc::new(delta),
+            dtype: task.update_dtype,
+        })
     }
 }
 

@@ -186,16 +186,8 @@ fn start_serving(shared: &Shared, fresh: bool) -> Result<(), Error> {
     if fresh {
         let record = RoundRecord {
             round: 0,
-            clients: 0,
-            mean_loss: None,
             stsb_dev: evaluate(shared, &encoder),
-            bytes_up: 0,
-            bytes_down: 0,
-            seconds: 0.0,
-            refused: Default::default(),
-            bounded: 0,
-            step_ratio: None,
-            digest: None,
+            ..Default::default()
         };
         shared
             .store

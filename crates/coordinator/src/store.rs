@@ -20,7 +20,7 @@ const HEAD_FILE: &str = "training_head.safetensors";
 const SERVER_FILE: &str = "server_state.safetensors";
 
 /// One committed round, as logged in `rounds.jsonl` (round 0 is the starting model).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RoundRecord {
     pub round: u64,
     pub clients: u32,

@@ -32,14 +32,10 @@ fn record(round: u64) -> RoundRecord {
         round,
         clients: 2,
         mean_loss: Some(1.0 / (round + 1) as f64),
-        stsb_dev: None,
         bytes_up: 10,
         bytes_down: 20,
         seconds: 1.0,
-        refused: Default::default(),
-        bounded: 0,
-        step_ratio: None,
-        digest: None,
+        ..Default::default()
     }
 }
 

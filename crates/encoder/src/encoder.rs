@@ -122,12 +122,8 @@ impl Encoder {
         }
         tracing::debug!(dir = %dir.display(), layers = config.num_hidden_layers, hidden = config.hidden_size, "loaded encoder");
         Ok(Encoder {
-            model,
-            tokenizer,
-            config,
-            device: device.clone(),
             tokenizer_files,
-            pad_multiple: crate::device::pad_multiple(device),
+            ..Self::from_parts(model, tokenizer, config, device)
         })
     }
 
@@ -260,12 +256,8 @@ impl Encoder {
             .filter(|(f, _)| TOKENIZER_FILES.contains(&f.as_str()))
             .collect();
         Ok(Encoder {
-            model,
-            tokenizer,
-            config,
-            device: device.clone(),
             tokenizer_files,
-            pad_multiple: crate::device::pad_multiple(device),
+            ..Self::from_parts(model, tokenizer, config, device)
         })
     }
 

@@ -10,10 +10,7 @@ fn record(round: u64, dev: Option<f64>) -> RoundRecord {
         bytes_up: round << 21,
         bytes_down: round << 22,
         seconds: 1.5,
-        refused: Default::default(),
-        bounded: 0,
-        step_ratio: None,
-        digest: None,
+        ..Default::default()
     }
 }
 

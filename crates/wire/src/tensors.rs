@@ -154,59 +154,7 @@ impl Assembler {
         let same = self.pending.as_ref().is_some_and(|p| p.name == chunk.name);
         if !same {
             self.finish_pending()?;
-            if chunk.name.is_empty() || chunk.name.len() > 256 {
-                return Err(AssemblyError::Malformed { name: chunk.name });
-            }
-            if let Some(prev) = &self.last_name
-                && chunk.name.as_str() <= prev.as_str()
-            {
-                return Err(AssemblyError::Order {
-                    name: chunk.name,
-                    previous: prev.clone(),
-                });
-            }
-            if self.tensors.len() >= self.limits.max_tensors {
-                return Err(AssemblyError::TooManyTensors(self.limits.max_tensors));
-            }
-            let dtype = DType::from_tag(chunk.dtype)
-                .filter(|d| self.limits.dtype.is_none_or(|want| want == *d))
-                .ok_or_else(|| AssemblyError::DType {
-                    name: chunk.name.clone(),
-                    dtype: chunk.dtype,
-                })?;
-            let elems = chunk
-                .shape
-                .iter()
-                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-                .filter(|_| chunk.shape.len() <= 8)
-                .ok_or_else(|| AssemblyError::Malformed {
-                    name: chunk.name.clone(),
-                })?;
-            let expected =
-                elems
-                    .checked_mul(dtype.size() as u64)
-                    .ok_or_else(|| AssemblyError::Malformed {
-                        name: chunk.name.clone(),
-                    })?;
-            if self.bytes.saturating_add(expected) > self.limits.max_total_bytes {
-                return Err(AssemblyError::TooLarge(self.limits.max_total_bytes));
-            }
-            hash_header(
-                &mut self.hasher,
-                &chunk.name,
-                &to_usize(&chunk.shape),
-                dtype,
-            );
-            self.last_name = Some(chunk.name.clone());
-            self.pending = Some(Pending {
-                name: chunk.name.clone(),
-                shape: chunk.shape.clone(),
-                dtype,
-                expected,
-                // Room for what is declared, but at most [`MAX_PREALLOC`] up front: a
-                // stream that declares a huge tensor and sends little costs what it sends.
-                buf: Vec::with_capacity(expected.min(MAX_PREALLOC) as usize),
-            });
+            self.start_tensor(&chunk)?;
         }
         let p = self.pending.as_mut().expect("pending tensor");
         if chunk.shape != p.shape || chunk.dtype != p.dtype.tag() {
@@ -236,6 +184,67 @@ impl Assembler {
         self.hasher.update(&chunk.data);
         p.buf.extend_from_slice(&chunk.data);
         self.bytes += chunk.data.len() as u64;
+        Ok(())
+    }
+
+    /// Checks the header of a new tensor's first chunk (name, order, count, element type,
+    /// shape, byte budget) and opens its buffer.
+    fn start_tensor(&mut self, chunk: &TensorChunk) -> Result<(), AssemblyError> {
+        if chunk.name.is_empty() || chunk.name.len() > 256 {
+            return Err(AssemblyError::Malformed {
+                name: chunk.name.clone(),
+            });
+        }
+        if let Some(prev) = &self.last_name
+            && chunk.name.as_str() <= prev.as_str()
+        {
+            return Err(AssemblyError::Order {
+                name: chunk.name.clone(),
+                previous: prev.clone(),
+            });
+        }
+        if self.tensors.len() >= self.limits.max_tensors {
+            return Err(AssemblyError::TooManyTensors(self.limits.max_tensors));
+        }
+        let dtype = DType::from_tag(chunk.dtype)
+            .filter(|d| self.limits.dtype.is_none_or(|want| want == *d))
+            .ok_or_else(|| AssemblyError::DType {
+                name: chunk.name.clone(),
+                dtype: chunk.dtype,
+            })?;
+        let elems = chunk
+            .shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .filter(|_| chunk.shape.len() <= 8)
+            .ok_or_else(|| AssemblyError::Malformed {
+                name: chunk.name.clone(),
+            })?;
+        let expected =
+            elems
+                .checked_mul(dtype.size() as u64)
+                .ok_or_else(|| AssemblyError::Malformed {
+                    name: chunk.name.clone(),
+                })?;
+        if self.bytes.saturating_add(expected) > self.limits.max_total_bytes {
+            return Err(AssemblyError::TooLarge(self.limits.max_total_bytes));
+        }
+        hash_header(
+            &mut self.hasher,
+            &chunk.name,
+            &to_usize(&chunk.shape),
+            dtype,
+        );
+        self.last_name = Some(chunk.name.clone());
+        self.pending = Some(Pending {
+            name: chunk.name.clone(),
+            shape: chunk.shape.clone(),
+            dtype,
+            expected,
+            // Room for what is declared, but at most [`MAX_PREALLOC`] up front: a
+            // stream that declares a huge tensor and sends little costs what it sends.
+            buf: Vec::with_capacity(expected.min(MAX_PREALLOC) as usize),
+        });
         Ok(())
     }
 
