@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::fed::*;
 use common::*;
-use fedmicse_coordinator::{CoordinatorConfig, Running};
+use fedmicse_coordinator::Running;
 use fedmicse_encoder::{HostTensor, TensorMap};
 use fedmicse_federation::{ServerOptimizer, Strategy, UpdateRules};
 use fedmicse_wire::ElementType;
@@ -64,35 +64,6 @@ fn max_diff(a: &TensorMap, b: &TensorMap) -> f32 {
     b.iter()
         .map(|(n, t)| max_abs_diff(&a[n].data, &t.data))
         .fold(0.0, f32::max)
-}
-
-struct Fed {
-    dir: tempfile::TempDir,
-    model: std::path::PathBuf,
-    certs: std::path::PathBuf,
-}
-
-fn federation(agents: &[&str]) -> Fed {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(&dir.path().join("model"), 32, 2, 2, 64);
-    let certs = dir.path().join("certs");
-    certs_for(&certs, agents);
-    Fed { dir, model, certs }
-}
-
-impl Fed {
-    fn config(&self, agents: &[&str]) -> CoordinatorConfig {
-        coordinator_config(
-            &self.model,
-            &self.dir.path().join("state"),
-            &self.certs,
-            agents,
-        )
-    }
-
-    fn state(&self) -> std::path::PathBuf {
-        self.dir.path().join("state")
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

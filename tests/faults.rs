@@ -47,9 +47,7 @@ fn header(round: u64, n: u64, delta: &TensorMap) -> UpdateHeader {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_kind_of_bad_update_is_refused_with_its_own_status() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(&dir.path().join("model"), 32, 2, 2, 64);
-    let certs = dir.path().join("certs");
+    let Fed { dir, model, certs } = fed_dir(32, 64);
     certs_for(&certs, &["a", "b", "late"]);
     let mut config = coordinator_config(
         &model,
@@ -224,9 +222,7 @@ async fn every_kind_of_bad_update_is_refused_with_its_own_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn vanished_agents_do_not_block_and_too_few_answers_retry_the_round() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(&dir.path().join("model"), 64, 2, 2, 64);
-    let certs = dir.path().join("certs");
+    let Fed { dir, model, certs } = fed_dir(64, 64);
     let ids = ["a", "b", "c"];
     certs_for(&certs, &ids);
     let mut config = coordinator_config(&model, &dir.path().join("state"), &certs, &ids);
@@ -307,9 +303,7 @@ async fn vanished_agents_do_not_block_and_too_few_answers_retry_the_round() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn revoked_and_expired_certificates_cannot_join() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(&dir.path().join("model"), 32, 2, 2, 64);
-    let certs = dir.path().join("certs");
+    let Fed { dir, model, certs } = fed_dir(32, 64);
     certs_for(&certs, &["a", "b"]);
     let now = time::OffsetDateTime::now_utc();
     fedmicse_wire::certs::issue_valid(
@@ -389,9 +383,7 @@ async fn revoked_and_expired_certificates_cannot_join() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_agents_and_two_hundred_embeds_during_a_model_swap() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(&dir.path().join("model"), 32, 2, 2, 64);
-    let certs = dir.path().join("certs");
+    let Fed { dir, model, certs } = fed_dir(32, 64);
     let ids: Vec<String> = (0..50).map(|i| format!("agent-{i:02}")).collect();
     let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     certs_for(&certs, &id_refs);
@@ -473,9 +465,7 @@ async fn fifty_agents_and_two_hundred_embeds_during_a_model_swap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_the_socket_does_not_hurt_the_coordinator() {
     use tokio::io::AsyncWriteExt;
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(&dir.path().join("model"), 32, 2, 2, 64);
-    let certs = dir.path().join("certs");
+    let Fed { dir, model, certs } = fed_dir(32, 64);
     certs_for(&certs, &["a"]);
     let mut config = coordinator_config(&model, &dir.path().join("state"), &certs, &["a"]);
     config.federation.rounds = 5;
@@ -499,9 +489,7 @@ async fn garbage_on_the_socket_does_not_hurt_the_coordinator() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_during_aggregation_then_restart_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(&dir.path().join("model"), 32, 2, 2, 64);
-    let certs = dir.path().join("certs");
+    let Fed { dir, model, certs } = fed_dir(32, 64);
     let ids = ["a", "b"];
     certs_for(&certs, &ids);
     let base = |state: &str| {

@@ -13,9 +13,7 @@ use fedmicse_wire::{TlsFiles, pb};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_round_with_three_agents_is_exactly_fedavg_and_inference_serves_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(&dir.path().join("model"), 32, 2, 2, 64);
-    let certs = dir.path().join("certs");
+    let Fed { dir, model, certs } = fed_dir(32, 64);
     let ids = ["silo-a", "silo-b", "silo-c"];
     certs_for(&certs, &ids);
     let state = dir.path().join("state");
@@ -126,9 +124,7 @@ async fn a_round_with_three_agents_is_exactly_fedavg_and_inference_serves_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn strangers_cannot_join() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(&dir.path().join("model"), 32, 2, 2, 64);
-    let certs = dir.path().join("certs");
+    let Fed { dir, model, certs } = fed_dir(32, 64);
     certs_for(&certs, &["silo-a", "mallory"]);
     // Another federation's CA, with an agent named like an allowed one.
     let other = dir.path().join("other");

@@ -280,9 +280,7 @@ async fn a_stalled_upload_or_download_does_not_block_honest_agents() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn strangers_cannot_hold_connections() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(&dir.path().join("model"), 32, 2, 2, 64);
-    let certs = dir.path().join("certs");
+    let Fed { dir, model, certs } = fed_dir(32, 64);
     certs_for(&certs, &["a"]);
     let mut config = coordinator_config(&model, &dir.path().join("state"), &certs, &["a"]);
     config.server.tls_handshake_timeout_secs = 1;
@@ -415,9 +413,7 @@ async fn plaintext_client_ids_never_become_paths() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_parallel_uploads_from_one_agent_cannot_overwrite_each_other() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(&dir.path().join("model"), 32, 2, 2, 64);
-    let certs = dir.path().join("certs");
+    let Fed { dir, model, certs } = fed_dir(32, 64);
     let ids = ["a", "b"];
     certs_for(&certs, &ids);
     let state = dir.path().join("state");
@@ -473,9 +469,7 @@ async fn two_parallel_uploads_from_one_agent_cannot_overwrite_each_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn revocation_reaches_selection_uploads_in_flight_and_recovered_updates() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(&dir.path().join("model"), 32, 2, 2, 64);
-    let certs = dir.path().join("certs");
+    let Fed { dir, model, certs } = fed_dir(32, 64);
     let ids = ["a", "b", "c", "d"];
     certs_for(&certs, &ids);
     let list = dir.path().join("revoked.txt");
@@ -574,9 +568,7 @@ async fn revocation_reaches_selection_uploads_in_flight_and_recovered_updates() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn robust_rules_refuse_federations_too_small_to_outvote_anyone() {
     use fedmicse_federation::Strategy;
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(&dir.path().join("model"), 32, 2, 2, 64);
-    let certs = dir.path().join("certs");
+    let Fed { dir, model, certs } = fed_dir(32, 64);
     let ids = ["a", "b", "c"];
     certs_for(&certs, &ids);
     let base = coordinator_config(&model, &dir.path().join("state"), &certs, &ids);

@@ -51,9 +51,7 @@ fn vectors(v: &serde_json::Value) -> Vec<Vec<f32>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_http_api_status_and_agent_metrics() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(&dir.path().join("model"), 32, 2, 2, 64);
-    let certs = dir.path().join("certs");
+    let Fed { dir, model, certs } = fed_dir(32, 64);
     certs_for(&certs, &["real", "fake"]);
     let dev = dir.path().join("dev.tsv");
     let lines: Vec<String> = std::fs::read_to_string(root().join("data/sts/stsb/dev.tsv"))

@@ -81,9 +81,7 @@ fn state_round(state: &Path) -> u64 {
 
 #[test]
 fn corrupted_checkpoint_stops_the_coordinator_and_recover_rolls_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(&dir.path().join("model"), 32, 2, 2, 64);
-    let certs = dir.path().join("certs");
+    let Fed { dir, model, certs } = fed_dir(32, 64);
     certs_for(&certs, &["a"]);
     let state = dir.path().join("state");
     let models = commit_rounds(&model, &state, 2);
@@ -153,9 +151,7 @@ fn corrupted_checkpoint_stops_the_coordinator_and_recover_rolls_back() {
 
 #[test]
 fn missing_state_json_stops_the_coordinator_instead_of_starting_over() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(&dir.path().join("model"), 32, 2, 2, 64);
-    let certs = dir.path().join("certs");
+    let Fed { dir, model, certs } = fed_dir(32, 64);
     certs_for(&certs, &["a"]);
     let state = dir.path().join("state");
     let models = commit_rounds(&model, &state, 2);

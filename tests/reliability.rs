@@ -406,9 +406,7 @@ async fn configurations_that_cannot_work_exit_at_once_naming_the_field() {
 /// deadline), and an update that finishes streaming after the deadline is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn silent_agents_are_dropped_and_the_deadline_is_exact() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(&dir.path().join("model"), 32, 2, 2, 64);
-    let certs = dir.path().join("certs");
+    let common::fed::Fed { dir, model, certs } = fed_dir(32, 64);
     certs_for(&certs, &["a", "b"]);
     let mut config = coordinator_config(&model, &dir.path().join("state"), &certs, &["a", "b"]);
     config.federation.min_clients = 2;

@@ -339,3 +339,36 @@ pub async fn drive_agents(
     }
     panic!("agents did not finish");
 }
+
+/// A federation's files in a temporary folder: a tiny model (hidden size `hidden`, 2 layers,
+/// 2 heads) and where its certificates go (`certs`, not yet written).
+pub struct Fed {
+    pub dir: tempfile::TempDir,
+    pub model: PathBuf,
+    pub certs: PathBuf,
+}
+
+pub fn fed_dir(hidden: usize, intermediate: usize) -> Fed {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir.path().join("model"), hidden, 2, 2, intermediate);
+    let certs = dir.path().join("certs");
+    Fed { dir, model, certs }
+}
+
+/// The smallest federation: a 32-wide model and certificates for `agents`.
+pub fn federation(agents: &[&str]) -> Fed {
+    let fed = fed_dir(32, 64);
+    certs_for(&fed.certs, agents);
+    fed
+}
+
+impl Fed {
+    /// The test coordinator configuration for this federation, allowing `agents`.
+    pub fn config(&self, agents: &[&str]) -> CoordinatorConfig {
+        coordinator_config(&self.model, &self.state(), &self.certs, agents)
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+}
