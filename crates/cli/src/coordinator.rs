@@ -31,7 +31,7 @@ pub struct CoordinatorCmd {
 }
 
 pub fn run_coordinator(cmd: CoordinatorCmd) -> Result<()> {
-    let config = CoordinatorConfig::from_file(&cmd.config).map_err(anyhow::Error::msg)?;
+    let config = CoordinatorConfig::from_file(&cmd.config)?;
     if cmd.recover {
         recover_state(&config)?;
     }

@@ -1,5 +1,6 @@
 //! `coordinator.toml`: every field has a default or a clear error; unknown fields are errors.
 
+use fedmicse_federation::config_file::{ConfigError, base_of, load_toml, resolve};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -315,37 +316,27 @@ impl Default for InferenceConfig {
 
 impl CoordinatorConfig {
     /// Reads and checks a TOML file; errors name the file and the field.
-    pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut config: CoordinatorConfig =
-            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        config.resolve_paths(base);
-        config
-            .validate()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let mut config: CoordinatorConfig = load_toml(path)?;
+        config.resolve_paths(base_of(path));
+        config.validate().map_err(|e| ConfigError::new(path, e))?;
         Ok(config)
     }
 
     /// Relative paths in a config file are relative to the file's directory.
     pub fn resolve_paths(&mut self, base: &Path) {
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        };
-        fix(&mut self.federation.model);
-        fix(&mut self.federation.state_dir);
-        if let Some(t) = &mut self.tls {
-            fix(&mut t.ca);
-            fix(&mut t.cert);
-            fix(&mut t.key);
-            if let Some(r) = &mut t.revocation_list {
-                fix(r);
-            }
-        }
-        if let Some(d) = &mut self.eval.dev_file {
-            fix(d);
+        let tls = self.tls.as_mut();
+        let files = tls.into_iter().flat_map(|t| {
+            [&mut t.ca, &mut t.cert, &mut t.key]
+                .into_iter()
+                .chain(t.revocation_list.as_mut())
+        });
+        for p in [&mut self.federation.model, &mut self.federation.state_dir]
+            .into_iter()
+            .chain(files)
+            .chain(self.eval.dev_file.as_mut())
+        {
+            resolve(base, p);
         }
     }
 

@@ -1,11 +1,12 @@
 //! `simulate.toml` and what may override it: the command line's settings and the adversary
 //! (hostile agents, their attack, the coordinator's defences and aggregation).
 
+use fedmicse_federation::config_file::{base_of, load_toml, resolve};
 use fedmicse_federation::partition::Partition;
 use fedmicse_runtime::DeviceSpec;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use fedmicse_agent::attack::Attack;
 use fedmicse_coordinator::config::{AggregationConfig, EvalConfig};
 use fedmicse_federation::robust::Strategy;
@@ -96,19 +97,14 @@ fn d_device() -> DeviceSpec {
 impl SimulateConfig {
     /// Reads a `simulate.toml`; relative paths in it are taken from the file's directory.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut c: SimulateConfig =
-            toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        let mut c: SimulateConfig = load_toml(path)?;
+        let base = base_of(path);
         let dev = c.eval.dev_file.as_mut();
         for p in [&mut c.model, &mut c.data, &mut c.output]
             .into_iter()
             .chain(dev)
         {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
+            resolve(base, p);
         }
         Ok(c)
     }
