@@ -85,10 +85,12 @@ pub fn coordinator_config(
 }
 
 pub async fn start(config: CoordinatorConfig) -> Running {
-    let c = tokio::task::spawn_blocking(move || Coordinator::new(config))
-        .await
-        .unwrap()
-        .unwrap();
+    let c = tokio::task::spawn_blocking(move || {
+        Coordinator::new(config, fedmicse_encoder::BurnRuntime::shared())
+    })
+    .await
+    .unwrap()
+    .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     c.serve(listener).await.unwrap()
 }

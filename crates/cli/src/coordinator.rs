@@ -43,7 +43,7 @@ pub fn run_coordinator(cmd: CoordinatorCmd) -> Result<()> {
     let rt = runtime()?;
     rt.block_on(async move {
         let faults = injected_faults();
-        let coordinator = tokio::task::spawn_blocking(move || Coordinator::with_faults(config, faults))
+        let coordinator = tokio::task::spawn_blocking(move || Coordinator::with_faults(config, fedmicse_encoder::BurnRuntime::shared(), faults))
             .await?
             .map_err(anyhow::Error::msg)?;
         let listener = tokio::net::TcpListener::bind(listen)

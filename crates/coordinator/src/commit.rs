@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use fedmicse_encoder::Encoder;
 use fedmicse_federation::{ServerHyper, StepRefusal, bound_influence, check_step, server_step};
+use fedmicse_runtime::{EmbedOptions, Embedder, sts};
 
 use fedmicse_tensors::TensorMap;
 
@@ -24,10 +24,11 @@ pub(crate) enum Commit {
     Refused(StepRefusal),
 }
 
-/// Spearman ×100 of an encoder on the dev set, or None without one (or on failure, logged).
-pub(crate) fn evaluate(shared: &Shared, encoder: &Encoder) -> Option<f64> {
+/// Spearman ×100 of a model on the dev set with [CLS] pooling (the miCSE embedding), or
+/// None without one (or on failure, logged).
+pub(crate) fn evaluate(shared: &Shared, embedder: &dyn Embedder) -> Option<f64> {
     let dev = shared.dev.as_ref()?;
-    match dev.score(encoder) {
+    match sts::evaluate(embedder, dev, &EmbedOptions::default()) {
         Ok(s) => Some(s),
         Err(e) => {
             tracing::error!(error = %e, "evaluation failed");
@@ -80,8 +81,8 @@ pub(crate) fn commit_round(shared: &Shared, open: &OpenRound) -> Result<Commit, 
     let model = GlobalModel::new(open.round, tensors, global.files.clone());
     shared.metrics.bytes_in.inc_by(open.bytes_up);
     shared.metrics.bytes_out.inc_by(open.bytes_down);
-    let encoder = Arc::new(shared.template.with_tensors(model.encoder_tensors())?);
-    let stsb_dev = evaluate(shared, &encoder);
+    let embedder = shared.template.embedder(model.encoder_tensors())?;
+    let stsb_dev = evaluate(shared, &*embedder);
     let mut record = open.record(stsb_dev, Instant::now());
     record.bounded = bounded;
     record.step_ratio = Some(norms.ratio());
@@ -97,7 +98,7 @@ pub(crate) fn commit_round(shared: &Shared, open: &OpenRound) -> Result<Commit, 
     log_committed(shared, &record, norms.ratio(), started);
     let round = model.round;
     shared.global.store(Arc::new(model));
-    shared.serving.store(Arc::new(Some((round, encoder))));
+    shared.serving.store(Arc::new(Some((round, embedder))));
     Ok(Commit::Committed(record))
 }
 

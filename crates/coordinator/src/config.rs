@@ -198,8 +198,8 @@ pub struct FederationConfig {
     #[serde(default = "d_seed")]
     pub seed: u64,
     /// Device for evaluation and inference: cpu, cuda, cuda:N.
-    #[serde(default = "d_device")]
-    pub device: String,
+    #[serde(default)]
+    pub device: fedmicse_runtime::DeviceSpec,
     /// Updates received at once (each is held in memory until checked).
     #[serde(default = "d_uploads")]
     pub max_concurrent_uploads: usize,
@@ -246,7 +246,7 @@ impl FederationConfig {
             restart_grace_ms: None,
             keep_checkpoints: d_keep(),
             seed: d_seed(),
-            device: d_device(),
+            device: Default::default(),
             max_concurrent_uploads: d_uploads(),
             max_concurrent_downloads: d_downloads(),
         }
@@ -267,9 +267,6 @@ fn d_keep() -> usize {
 }
 fn d_seed() -> u64 {
     48
-}
-fn d_device() -> String {
-    "cpu".into()
 }
 fn d_uploads() -> usize {
     4

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use fedmicse_encoder::EncoderError;
+use fedmicse_runtime::RuntimeError;
 use fedmicse_tensors::TensorError;
 
 /// Reading or writing the durable state: checkpoints, the round log, `state.json`, stored
@@ -19,8 +19,6 @@ pub enum StoreError {
     },
     #[error(transparent)]
     Tensors(#[from] TensorError),
-    #[error(transparent)]
-    Encoder(#[from] EncoderError),
     /// A file does not hold what it should (a stored update's metadata, a digest).
     #[error("{0}")]
     Invalid(String),
@@ -45,13 +43,11 @@ pub enum Error {
     /// The configuration is unworkable.
     #[error("{0}")]
     Config(String),
-    #[error("{0}")]
-    Device(#[source] EncoderError),
     #[error("model {}: {source}", path.display())]
     Model {
         path: PathBuf,
         #[source]
-        source: EncoderError,
+        source: RuntimeError,
     },
     #[error("eval.dev_file: {0}")]
     DevFile(String),
@@ -62,7 +58,7 @@ pub enum Error {
     #[error(transparent)]
     Tensors(#[from] TensorError),
     #[error(transparent)]
-    Encoder(#[from] EncoderError),
+    Runtime(#[from] RuntimeError),
     #[error("{0}")]
     Listen(#[source] std::io::Error),
     #[error("HTTP listen {0}: {1}")]

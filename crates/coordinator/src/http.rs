@@ -10,7 +10,8 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use fedmicse_encoder::{Pooling, cosine};
+use fedmicse_runtime::Pooling;
+use fedmicse_runtime::sts::cosine;
 use serde::Deserialize;
 use serde_json::json;
 

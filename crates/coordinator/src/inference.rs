@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use fedmicse_encoder::{EmbedOptions, Pooling, cosine};
+use fedmicse_runtime::sts::cosine;
+use fedmicse_runtime::{EmbedOptions, Pooling};
 use fedmicse_wire::pb::{
     self, EmbedRequest, EmbedResponse, SimilarityRequest, SimilarityResponse, Vector,
     inference_server::Inference,
@@ -130,7 +131,7 @@ async fn infer_inner(
     let Some((round, encoder)) = serving.as_ref().clone() else {
         return Err(InferError::Unavailable("no model loaded yet".into()));
     };
-    if pooling == Pooling::Pooler && encoder.model.pooler.is_none() {
+    if pooling == Pooling::Pooler && !encoder.has_pooler() {
         return Err(InferError::Invalid(
             "this model has no pooler weights".into(),
         ));
@@ -149,16 +150,7 @@ async fn infer_inner(
     let max_len = c.max_len;
     tokio::task::spawn_blocking(move || {
         let refs: Vec<&str> = sentences.iter().map(String::as_str).collect();
-        let tokens = refs
-            .iter()
-            .map(|s| {
-                encoder
-                    .tokenizer
-                    .tokenize(s, max_len)
-                    .map(|t| t.ids.len())
-                    .unwrap_or(0)
-            })
-            .sum();
+        let tokens = refs.iter().map(|s| encoder.count_tokens(s, max_len)).sum();
         encoder.embed(&refs, &opts).map(|vectors| Inferred {
             round,
             vectors,

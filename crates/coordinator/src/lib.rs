@@ -27,9 +27,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use fedmicse_encoder::Encoder;
 use fedmicse_federation::ServerState;
-use fedmicse_training::run::DevSet;
+use fedmicse_runtime::sts::StsPair;
+use fedmicse_runtime::{Embedder, ModelTemplate};
 use tokio::sync::{Notify, Semaphore, watch};
 
 pub use config::CoordinatorConfig;
@@ -54,14 +54,15 @@ pub(crate) struct Shared {
     revocations: revoke::Revocations,
     /// The server optimizer's moments (FedAvgM, FedAdam), committed with each round.
     server_state: std::sync::Mutex<ServerState>,
-    /// The base model's encoder: tokenizer and config for building inference encoders.
-    template: Encoder,
+    /// The base model's architecture and tokenizer, for building embedders from weights.
+    template: Box<dyn ModelTemplate>,
     faults: Faults,
-    dev: Option<DevSet>,
+    /// STS pairs every committed model is scored on.
+    dev: Option<Vec<StsPair>>,
     state: std::sync::Mutex<State>,
     global: ArcSwap<GlobalModel>,
     /// The newest global model as an encoder, with its round (None until first built).
-    serving: ArcSwap<Option<(u64, Arc<Encoder>)>>,
+    serving: ArcSwap<Option<(u64, Arc<dyn Embedder>)>>,
     wake: Notify,
     uploads: Semaphore,
     downloads: Arc<Semaphore>,

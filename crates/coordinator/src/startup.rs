@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use fedmicse_encoder::{Encoder, parse_device};
 use fedmicse_federation::{ServerState, trainable_names};
-use fedmicse_training::run::DevSet;
+use fedmicse_runtime::sts::{self, StsPair};
+use fedmicse_runtime::{BaseModel, ModelRuntime};
 use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::commit::evaluate;
@@ -28,28 +28,35 @@ struct Resumed {
 }
 
 impl Coordinator {
-    /// Loads the base model and the store (resuming from the last commit if there is one).
-    /// Blocking: call from a blocking context.
-    pub fn new(config: CoordinatorConfig) -> Result<Self, Error> {
-        Self::with_faults(config, Faults::default())
+    /// Opens the base model with `runtime` and the store (resuming from the last commit if
+    /// there is one). Blocking: call from a blocking context.
+    pub fn new(config: CoordinatorConfig, runtime: Arc<dyn ModelRuntime>) -> Result<Self, Error> {
+        Self::with_faults(config, runtime, Faults::default())
     }
 
     /// [`Coordinator::new`] with faults injected (tests only).
-    pub fn with_faults(config: CoordinatorConfig, faults: Faults) -> Result<Self, Error> {
+    pub fn with_faults(
+        config: CoordinatorConfig,
+        runtime: Arc<dyn ModelRuntime>,
+        faults: Faults,
+    ) -> Result<Self, Error> {
         config.validate().map_err(Error::Config)?;
-        let device = parse_device(&config.federation.device).map_err(Error::Device)?;
-        let template =
-            Encoder::load(&config.federation.model, &device).map_err(|source| Error::Model {
-                path: config.federation.model.clone(),
-                source,
-            })?;
+        let model_err = |source| Error::Model {
+            path: config.federation.model.clone(),
+            source,
+        };
+        let template = runtime
+            .open(&config.federation.model, config.federation.device)
+            .map_err(model_err)?;
+        let base = template.base().map_err(model_err)?;
         let store = Store::open(
             &config.federation.state_dir,
             config.federation.keep_checkpoints,
-        )?;
+        )?
+        .with_export_files(base.export_files.clone());
         let dev = load_dev(&config)?;
         let pending = pending::Pending::open(&config.federation.state_dir)?;
-        let resumed = resume(&config, &template, &store)?;
+        let resumed = resume(&config, base, &store)?;
         // Fail now, not at the first round, if the task does not fit the model.
         if trainable_names(&resumed.global.tensors, &config.task.trainable).is_empty() {
             return Err(Error::Trainable(config.task.trainable.clone()));
@@ -86,20 +93,20 @@ impl Coordinator {
     }
 }
 
-fn load_dev(config: &CoordinatorConfig) -> Result<Option<DevSet>, Error> {
+fn load_dev(config: &CoordinatorConfig) -> Result<Option<Vec<StsPair>>, Error> {
     let Some(p) = &config.eval.dev_file else {
         return Ok(None);
     };
-    let mut d = DevSet::load(p).map_err(|e| Error::DevFile(e.to_string()))?;
+    let mut pairs = sts::read_task(p).map_err(|e| Error::DevFile(e.to_string()))?;
     if config.eval.max_pairs > 0 {
-        d.pairs.truncate(config.eval.max_pairs);
+        pairs.truncate(config.eval.max_pairs);
     }
-    Ok(Some(d))
+    Ok(Some(pairs))
 }
 
 /// The last committed model, or the base model with its training head (from the model
 /// directory, or seeded) on a fresh start.
-fn resume(config: &CoordinatorConfig, template: &Encoder, store: &Store) -> Result<Resumed, Error> {
+fn resume(config: &CoordinatorConfig, base: BaseModel, store: &Store) -> Result<Resumed, Error> {
     if let Some((global, history, server_state)) = store.load()? {
         tracing::info!(
             round = global.round,
@@ -112,19 +119,15 @@ fn resume(config: &CoordinatorConfig, template: &Encoder, store: &Store) -> Resu
             fresh: false,
         });
     }
-    let mut tensors = template.tensors()?;
+    let mut tensors = base.tensors;
     let head_file = config.federation.model.join("training_head.safetensors");
     if head_file.is_file() {
         tensors.extend(fedmicse_tensors::safetensors::read(&head_file)?);
     } else {
-        tensors.extend(store::seeded_head(
-            template.config.hidden_size,
-            config.federation.seed,
-        ));
+        tensors.extend(store::seeded_head(base.hidden_size, config.federation.seed));
     }
-    let files = template.files()?;
     Ok(Resumed {
-        global: GlobalModel::new(0, tensors, files),
+        global: GlobalModel::new(0, tensors, base.files),
         history: Vec::new(),
         server_state: ServerState::default(),
         fresh: true,
@@ -182,11 +185,11 @@ fn interrupted_round(
 /// restart before the first round finds it.
 fn start_serving(shared: &Shared, fresh: bool) -> Result<(), Error> {
     let global = shared.global.load_full();
-    let encoder = Arc::new(shared.template.with_tensors(global.encoder_tensors())?);
+    let embedder = shared.template.embedder(global.encoder_tensors())?;
     if fresh {
         let record = RoundRecord {
             round: 0,
-            stsb_dev: evaluate(shared, &encoder),
+            stsb_dev: evaluate(shared, &*embedder),
             ..Default::default()
         };
         shared
@@ -196,6 +199,6 @@ fn start_serving(shared: &Shared, fresh: bool) -> Result<(), Error> {
     }
     shared
         .serving
-        .store(Arc::new(Some((global.round, encoder))));
+        .store(Arc::new(Some((global.round, embedder))));
     Ok(())
 }

@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 
-use fedmicse_encoder::weights::read_checkpoint;
 use fedmicse_federation::ServerState;
 use fedmicse_tensors::safetensors::{pt_metadata, read as read_safetensors};
 use fedmicse_tensors::{HostTensor, TensorMap, sync_dir, write_atomic};
@@ -101,6 +100,9 @@ pub const RECOVER_COMMAND: &str = "fedmicse coordinator --config FILE --recover"
 pub struct Store {
     dir: PathBuf,
     keep: usize,
+    /// Written beside every checkpoint so other tools read it as the runtime does
+    /// (sentence-transformers' module list and pooling); not part of the model.
+    export_files: Vec<(String, Vec<u8>)>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -148,7 +150,14 @@ impl Store {
         Ok(Store {
             dir: dir.to_path_buf(),
             keep: keep.max(1),
+            export_files: Vec::new(),
         })
+    }
+
+    /// The store, writing `files` (relative path, bytes) beside every checkpoint it commits.
+    pub fn with_export_files(mut self, files: Vec<(String, Vec<u8>)>) -> Self {
+        self.export_files = files;
+        self
     }
 
     /// The state directory.
@@ -267,7 +276,8 @@ impl Store {
                 dir.display()
             )));
         }
-        let mut tensors = read_checkpoint(&dir.join("model.safetensors"))?;
+        // Written by `commit` under the model's own (HF) names: no renaming to undo.
+        let mut tensors = read_safetensors(&dir.join("model.safetensors"))?;
         let head = dir.join(HEAD_FILE);
         if head.is_file() {
             tensors.extend(read_safetensors(&head)?);
@@ -280,7 +290,7 @@ impl Store {
                 .and_then(|n| n.to_str())
                 .unwrap_or_default()
                 .to_string();
-            let metadata = fedmicse_encoder::SENTENCE_TRANSFORMERS_FILES.contains(&name.as_str());
+            let metadata = self.export_files.iter().any(|(n, _)| *n == name);
             if (name.ends_with(".json") || name == "vocab.txt") && !metadata {
                 files.push((name, std::fs::read(&p).map_err(io(&p))?));
             }
@@ -379,7 +389,7 @@ impl Store {
         let tmp = dir.with_extension("partial");
         let _ = std::fs::remove_dir_all(&tmp);
         // A failed write (a full disk) leaves nothing behind that keeps the disk full.
-        if let Err(e) = write_checkpoint(&tmp, model, server_state) {
+        if let Err(e) = write_checkpoint(&tmp, model, server_state, &self.export_files) {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
         }
@@ -428,12 +438,13 @@ impl Store {
     }
 }
 
-/// Writes a checkpoint directory's files (model, head, model files, sentence-transformers
-/// metadata, server optimizer state) into `tmp`.
+/// Writes a checkpoint directory's files (model, head, model files, export files, server
+/// optimizer state) into `tmp`.
 fn write_checkpoint(
     tmp: &Path,
     model: &GlobalModel,
     server_state: &ServerState,
+    export_files: &[(String, Vec<u8>)],
 ) -> Result<(), StoreError> {
     std::fs::create_dir_all(tmp).map_err(io(tmp))?;
     let write = |path: &Path, tensors: &TensorMap| {
@@ -444,14 +455,12 @@ fn write_checkpoint(
     if !head.is_empty() {
         write(&tmp.join(HEAD_FILE), &head)?;
     }
-    for (name, bytes) in &model.files {
-        write_atomic(&tmp.join(name), bytes)?;
-    }
-    // So that `SentenceTransformer(checkpoint)` pools [CLS] like the coordinator does.
-    if let Some((_, bytes)) = model.files.iter().find(|(n, _)| n == "config.json") {
-        let text = String::from_utf8_lossy(bytes);
-        let config = fedmicse_encoder::BertConfig::from_json(&text, &tmp.join("config.json"))?;
-        fedmicse_encoder::write_sentence_transformers_files(tmp, &config)?;
+    for (name, bytes) in model.files.iter().chain(export_files) {
+        let path = tmp.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        write_atomic(&path, bytes)?;
     }
     let server = server_state.to_map();
     if !server.is_empty() {

@@ -91,7 +91,7 @@ fn flip_data(path: &Path) {
     let n = bytes.len();
     bytes[n - 4] ^= 0x5a;
     std::fs::write(path, &bytes).unwrap();
-    fedmicse_encoder::weights::read_checkpoint(path).expect("still parseable");
+    fedmicse_tensors::safetensors::read(path).expect("still parseable");
 }
 
 /// Round 3 is damaged by `damage`: loading names it corrupted and the way back; recovery

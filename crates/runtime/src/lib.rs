@@ -6,13 +6,21 @@
 //!
 //! - [`Pooling`] and [`EmbedOptions`]: how sentence vectors are read off a model.
 //! - [`LocalTrainer`]: train from given weights on a shard of sentences and hand back
-//!   the trained weights. `fedmicse_training::local::BurnTrainer` is the real one; tests
-//!   of agent logic use a fake that answers in microseconds.
+//!   the trained weights. `fedmicse_training::BurnTrainer` is the real one; tests of agent
+//!   logic use a fake that answers in microseconds.
+//! - [`ModelRuntime`], [`ModelTemplate`] and [`Embedder`]: open a checkpoint directory,
+//!   build embedders from weights, embed sentences. The coordinator serves and evaluates
+//!   through them; `fedmicse_encoder::BurnRuntime` is the real one.
+//! - [`sts`]: STS files, Spearman, and the evaluation of any [`Embedder`].
 //!
-//! Dependency direction: `tensors` ← `federation` ← `runtime` ← `agent`; the binary wires
-//! `training`'s implementation into the agent.
+//! Dependency direction: `tensors` ← `federation` ← `runtime` ← `agent`, `coordinator`;
+//! the binary wires the burn implementations in.
 
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
+
+pub mod sts;
 
 use fedmicse_federation::TaskConfig;
 use fedmicse_tensors::TensorMap;
@@ -151,9 +159,21 @@ pub struct TrainReport {
     pub seconds: f64,
 }
 
-/// Why local training did not happen.
+/// Why a runtime could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An input file (STS pairs, say) is malformed.
+    #[error("{0}")]
+    Data(String),
+    /// Embedding failed (tokenizer, device).
+    #[error("embedding: {0}")]
+    Embed(String),
     /// The shard cannot be trained on (too small, say).
     #[error("{0}")]
     Shard(String),
@@ -177,6 +197,43 @@ pub trait LocalTrainer: Send + Sync {
         task: &TaskConfig,
         seed: u64,
     ) -> Result<(TensorMap, TrainReport), RuntimeError>;
+}
+
+/// A model that turns sentences into vectors: what serving and evaluation need.
+pub trait Embedder: Send + Sync {
+    /// One vector per sentence, in order.
+    fn embed(&self, sentences: &[&str], opts: &EmbedOptions)
+    -> Result<Vec<Vec<f32>>, RuntimeError>;
+    /// Tokens the sentence is read as, special tokens included, at most `max_len`.
+    fn count_tokens(&self, sentence: &str, max_len: usize) -> usize;
+    /// Whether [`Pooling::Pooler`] can be used (the checkpoint has pooler weights).
+    fn has_pooler(&self) -> bool;
+}
+
+/// A checkpoint as a model runtime opened it.
+#[derive(Debug, Clone)]
+pub struct BaseModel {
+    /// Encoder tensors under HuggingFace names.
+    pub tensors: TensorMap,
+    /// The files that describe it (`config.json`, the tokenizer), by file name.
+    pub files: Vec<(String, Vec<u8>)>,
+    pub hidden_size: usize,
+    /// Files written beside every exported checkpoint so other tools read it as this
+    /// runtime does (sentence-transformers' module list and pooling), by relative path.
+    pub export_files: Vec<(String, Vec<u8>)>,
+}
+
+/// An opened checkpoint's architecture and tokenizer: builds embedders from weights.
+pub trait ModelTemplate: Send + Sync {
+    /// The checkpoint itself.
+    fn base(&self) -> Result<BaseModel, RuntimeError>;
+    /// An embedder with this architecture and tokenizer and the given encoder tensors.
+    fn embedder(&self, tensors: TensorMap) -> Result<Arc<dyn Embedder>, RuntimeError>;
+}
+
+/// Opens checkpoint directories on a device: what the coordinator needs from a runtime.
+pub trait ModelRuntime: Send + Sync {
+    fn open(&self, dir: &Path, device: DeviceSpec) -> Result<Box<dyn ModelTemplate>, RuntimeError>;
 }
 
 #[cfg(test)]

@@ -104,9 +104,11 @@ pub async fn run(
     dirs.prepare(&c.output, &plan.ids)?;
     let coordinator_config = coordinator_config(c, &plan.ids, plan.honest(), &dirs);
     coordinator_config.validate().map_err(anyhow::Error::msg)?;
-    let coordinator = tokio::task::spawn_blocking(move || Coordinator::new(coordinator_config))
-        .await?
-        .map_err(anyhow::Error::msg)?;
+    let coordinator = tokio::task::spawn_blocking(move || {
+        Coordinator::new(coordinator_config, fedmicse_encoder::BurnRuntime::shared())
+    })
+    .await?
+    .map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let running = coordinator
         .serve(listener)

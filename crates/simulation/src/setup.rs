@@ -88,7 +88,7 @@ pub fn coordinator_config(
             poll_ms: 200,
             keep_checkpoints: c.rounds as usize + 1,
             seed: c.seed,
-            device: c.device.to_string(),
+            device: c.device,
             ..FederationConfig::new(c.model.clone(), dirs.state.clone())
         },
         updates: c.updates.clone(),

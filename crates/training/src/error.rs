@@ -14,6 +14,8 @@ pub enum TrainError {
     Config(String),
     #[error(transparent)]
     Encoder(#[from] fedmicse_encoder::EncoderError),
+    #[error(transparent)]
+    Runtime(#[from] fedmicse_runtime::RuntimeError),
     #[error("plot: {0}")]
     Plot(String),
 }

@@ -5,7 +5,7 @@ pub mod error;
 pub mod local_trainer;
 pub mod objective;
 pub mod run;
-pub mod sts;
+pub use fedmicse_runtime::sts;
 pub mod task;
 pub mod trainer;
 

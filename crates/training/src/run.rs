@@ -54,7 +54,7 @@ impl DevSet {
             max_len: self.max_len,
             ..Default::default()
         };
-        sts::evaluate(encoder, &self.pairs, &opts)
+        Ok(sts::evaluate(encoder, &self.pairs, &opts)?)
     }
 }
 

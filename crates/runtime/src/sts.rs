@@ -2,9 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use fedmicse_encoder::{EmbedOptions, Encoder, cosine};
+use crate::{EmbedOptions, Embedder, RuntimeError};
 
-use crate::error::{Result, TrainError};
+type Result<T> = std::result::Result<T, RuntimeError>;
 
 /// One scored sentence pair.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,7 +16,7 @@ pub struct StsPair {
 
 /// Reads `score<TAB>sentence1<TAB>sentence2` with a header line.
 pub fn read_tsv(path: &Path) -> Result<Vec<StsPair>> {
-    let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
+    let text = std::fs::read_to_string(path).map_err(|source| RuntimeError::Io {
         path: path.to_path_buf(),
         source,
     })?;
@@ -26,7 +26,7 @@ pub fn read_tsv(path: &Path) -> Result<Vec<StsPair>> {
             continue;
         }
         let bad = |what: &str| {
-            TrainError::Data(format!(
+            RuntimeError::Data(format!(
                 "{}:{}: {what}; expected score<TAB>sentence1<TAB>sentence2",
                 path.display(),
                 i + 1
@@ -47,7 +47,7 @@ pub fn read_tsv(path: &Path) -> Result<Vec<StsPair>> {
         });
     }
     if pairs.is_empty() {
-        return Err(TrainError::Data(format!("{}: no pairs", path.display())));
+        return Err(RuntimeError::Data(format!("{}: no pairs", path.display())));
     }
     Ok(pairs)
 }
@@ -59,7 +59,7 @@ pub fn read_task(path: &Path) -> Result<Vec<StsPair>> {
         return read_tsv(path);
     }
     let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-        .map_err(|source| TrainError::Io {
+        .map_err(|source| RuntimeError::Io {
             path: path.to_path_buf(),
             source,
         })?
@@ -68,7 +68,7 @@ pub fn read_task(path: &Path) -> Result<Vec<StsPair>> {
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(TrainError::Data(format!(
+        return Err(RuntimeError::Data(format!(
             "{}: no .tsv files",
             path.display()
         )));
@@ -120,9 +120,21 @@ pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
     pearson(&ranks(a), &ranks(b))
 }
 
-/// Spearman ×100 of the encoder's cosine similarities against the gold scores. Each
+/// Cosine similarity of two vectors (0 when either is zero).
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    if na == 0.0 || nb == 0.0 {
+        0.0
+    } else {
+        (dot / (na * nb)) as f32
+    }
+}
+
+/// Spearman ×100 of the embedder's cosine similarities against the gold scores. Each
 /// distinct sentence is embedded once.
-pub fn evaluate(encoder: &Encoder, pairs: &[StsPair], opts: &EmbedOptions) -> Result<f64> {
+pub fn evaluate(encoder: &dyn Embedder, pairs: &[StsPair], opts: &EmbedOptions) -> Result<f64> {
     let mut index = std::collections::HashMap::new();
     let mut unique: Vec<&str> = Vec::new();
     for p in pairs {
