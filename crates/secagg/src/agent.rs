@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use rand::{CryptoRng, RngCore};
+use rand::CryptoRng;
 use zeroize::Zeroizing;
 
 use crate::config::{RoundConfig, share_x};

@@ -19,9 +19,10 @@
 //! | 2    | [`AgentShared::mask_input`]`(inbox, x)` → [`MaskedInput`] | [`ServerMasked::receive`] each, [`ServerMasked::close`] → [`UnmaskRequest`] to every survivor |
 //! | 3    | [`AgentMasked::unmask`]`(request)` → [`UnmaskResponse`] | [`ServerUnmask::receive`] each, [`ServerUnmask::finish`] → [`Aggregate`] |
 //!
-//! Inputs are vectors in Z_2^k: quantize and clip to b-bit signed integers,
-//! pick k = [`ring_bits`]`(b, n)` and encode with [`ring::encode_signed`];
-//! [`Aggregate::signed`] decodes the sum.
+//! Inputs are vectors in Z_2^k: pick k = [`ring_bits`]`(b, n)` for b-bit
+//! values and n agents, then [`Quantizer::encode`] (clip, scale, stochastic
+//! rounding) an f32 update, or [`ring::encode_signed`] integers directly;
+//! [`Quantizer::decode_sum`] or [`Aggregate::signed`] reads the sum back.
 //!
 //! # Who learns what
 //!
@@ -52,6 +53,7 @@ mod graph;
 mod kdf;
 pub mod keys;
 mod messages;
+mod quant;
 pub mod ring;
 mod server;
 pub mod shamir;
@@ -61,8 +63,9 @@ pub use config::RoundConfig;
 pub use graph::{Graph, Neighbourhood};
 pub use messages::{
     AdvertiseKeys, EncryptedShare, MaskedInput, RevealedShare, ShareKeys, UnmaskRequest,
-    UnmaskResponse, WireBytes,
+    UnmaskResponse, WireBytes, agent_download_bytes, agent_upload_bytes,
 };
+pub use quant::Quantizer;
 pub use ring::ring_bits;
 pub use server::{Aggregate, ServerKeys, ServerMasked, ServerShares, ServerUnmask};
 
@@ -134,6 +137,8 @@ pub enum Error {
     DuplicateKey(AgentId),
     #[error("agent {0} sent the wrong set of shares")]
     BadShareSet(AgentId),
+    #[error("clip must be finite and positive")]
+    InvalidClip,
     #[error("the key directory does not hold this agent's keys")]
     DirectoryMismatch,
 }

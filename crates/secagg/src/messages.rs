@@ -9,6 +9,8 @@ use crate::AgentId;
 use crate::shamir::CHUNKS;
 
 const ID_BYTES: usize = 4;
+/// A share pair (two × five field elements of 8 bytes) plus the AEAD tag.
+pub const SHARE_CIPHERTEXT_BYTES: usize = 16 * CHUNKS + crate::keys::TAG_BYTES;
 
 /// Round 0, agent → coordinator: the round's two public keys
 /// (`c_pk` encrypts shares, `s_pk` agrees pairwise mask seeds).
@@ -66,6 +68,24 @@ pub struct UnmaskResponse {
     pub agent: AgentId,
     pub self_mask_shares: Vec<RevealedShare>,
     pub key_shares: Vec<RevealedShare>,
+}
+
+/// What one agent sends in a round without dropouts, with `neighbours`
+/// neighbours (n − 1 for SecAgg, 2·half_degree for SecAgg+), `len` values
+/// and ring width `k`: 68 + (4 + 104·d) + (4 + ⌈len·k/8⌉) + (4 + 44·(d + 1)).
+/// With dropouts the last term only shrinks.
+pub fn agent_upload_bytes(neighbours: usize, len: usize, k: u32) -> usize {
+    let share = ID_BYTES + 8 * CHUNKS;
+    (ID_BYTES + 64)
+        + (ID_BYTES + (2 * ID_BYTES + SHARE_CIPHERTEXT_BYTES) * neighbours)
+        + (ID_BYTES + crate::ring::packed_len(len, k))
+        + (ID_BYTES + share * (neighbours + 1))
+}
+
+/// What the coordinator sends one agent: the directory of `n` agents, its
+/// inbox of `neighbours` shares, and the unmask request naming `n2` agents.
+pub fn agent_download_bytes(n: usize, neighbours: usize, n2: usize) -> usize {
+    (ID_BYTES + 64) * n + (2 * ID_BYTES + SHARE_CIPHERTEXT_BYTES) * neighbours + ID_BYTES * n2
 }
 
 /// Payload size of a message, for traffic estimates.

@@ -134,3 +134,71 @@ pub fn seed32(seed: u64) -> [u8; 32] {
 pub fn in_ring(v: u32, k: u32) -> bool {
     v <= ring_mask(k)
 }
+
+/// A round run up to the masked-input step: the coordinator waiting for
+/// masked inputs, each agent of U2 with its inbox.
+pub struct AtMask {
+    pub server: fedmicse_secagg::ServerMasked,
+    pub agents: BTreeMap<AgentId, fedmicse_secagg::AgentShared>,
+    pub inboxes: BTreeMap<AgentId, Vec<fedmicse_secagg::EncryptedShare>>,
+}
+
+pub fn at_mask(config: &RoundConfig, ids: &[AgentId], seed: u64) -> AtMask {
+    let mut r = rng(seed);
+    let mut server = ServerKeys::new(config.clone()).unwrap();
+    let mut advertised = Vec::new();
+    for &id in ids {
+        let (state, msg) = agent::advertise(config.clone(), id, &mut r).unwrap();
+        server.receive(msg).unwrap();
+        advertised.push((id, state));
+    }
+    let (mut server, directory) = server.close().unwrap();
+    let mut agents = BTreeMap::new();
+    for (id, state) in advertised {
+        let (state, msg) = state.share_keys(&directory, &mut r).unwrap();
+        server.receive(msg).unwrap();
+        agents.insert(id, state);
+    }
+    let (server, inboxes) = server.close().unwrap();
+    AtMask {
+        server,
+        agents,
+        inboxes,
+    }
+}
+
+/// A round run up to unmasking with zero inputs and no dropouts.
+pub struct AtUnmask {
+    pub server: fedmicse_secagg::ServerUnmask,
+    pub agents: BTreeMap<AgentId, fedmicse_secagg::AgentMasked>,
+    pub request: fedmicse_secagg::UnmaskRequest,
+}
+
+pub fn at_unmask(
+    config: &RoundConfig,
+    ids: &[AgentId],
+    skip_mask: &[AgentId],
+    seed: u64,
+) -> AtUnmask {
+    let AtMask {
+        mut server,
+        agents,
+        inboxes,
+    } = at_mask(config, ids, seed);
+    let mut masked = BTreeMap::new();
+    for (id, state) in agents {
+        if skip_mask.contains(&id) {
+            continue;
+        }
+        let zeros = vec![0u32; config.len];
+        let (state, msg) = state.mask_input(&inboxes[&id], &zeros).unwrap();
+        server.receive(msg).unwrap();
+        masked.insert(id, state);
+    }
+    let (server, request) = server.close().unwrap();
+    AtUnmask {
+        server,
+        agents: masked,
+        request,
+    }
+}
