@@ -246,16 +246,15 @@ impl AgentShared {
 
     /// y += PRG(b) + Σ_{v>u} PRG(s_uv) − Σ_{v<u} PRG(s_uv), over `peers` ≠ u.
     fn add_masks(&self, y: &mut [u32], peers: impl Iterator<Item = AgentId>) -> Result<(), Error> {
-        let (round, k, len) = (self.config.round, self.config.ring_bits, self.config.len);
-        let self_mask = ring::expand_mask(&self.b, MaskDomain::SelfMask { round }, len, k);
-        ring::add_assign(y, &self_mask, k);
+        let (round, k) = (self.config.round, self.config.ring_bits);
+        ring::add_mask(y, &self.b, MaskDomain::SelfMask { round }, k);
         for v in peers.filter(|&v| v != self.id) {
             let seed = pairwise_seed(&self.s, &self.directory[&v].s_pk, round, self.id, v)?;
-            let mask = ring::expand_mask(&seed, MaskDomain::Pairwise { round }, len, k);
+            let domain = MaskDomain::Pairwise { round };
             if v > self.id {
-                ring::add_assign(y, &mask, k);
+                ring::add_mask(y, &seed, domain, k);
             } else {
-                ring::sub_assign(y, &mask, k);
+                ring::sub_mask(y, &seed, domain, k);
             }
         }
         Ok(())

@@ -31,10 +31,7 @@ impl RoundConfig {
         }
         // t = 1 would let one share (or one survivor) reveal everything.
         if self.threshold < 2 {
-            return Err(Error::InvalidThreshold {
-                t: self.threshold,
-                n: 0,
-            });
+            return Err(Error::ThresholdBelowTwo(self.threshold));
         }
         Ok(())
     }

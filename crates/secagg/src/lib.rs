@@ -99,6 +99,8 @@ pub enum Error {
     InconsistentRequest(AgentId),
     #[error("invalid threshold {t} for {n} holders")]
     InvalidThreshold { t: usize, n: usize },
+    #[error("threshold {0} is below 2: a single share would reveal a secret")]
+    ThresholdBelowTwo(usize),
     #[error("threshold {t} must be more than half of the {holders} holders of a secret")]
     ThresholdTooLow { t: usize, holders: usize },
     #[error("threshold {t} exceeds a holder set of {holders}")]

@@ -138,13 +138,35 @@ impl MaskDomain {
     }
 }
 
+fn mask_stream(seed: &[u8; 32], domain: MaskDomain) -> ChaCha20Rng {
+    ChaCha20Rng::from_seed(kdf::derive(seed, "fedmicse-secagg/mask/v1", &domain.info()))
+}
+
 /// `len` uniform elements of Z_2^k from ChaCha20 keyed by HKDF(seed, domain).
 pub fn expand_mask(seed: &[u8; 32], domain: MaskDomain, len: usize, k: u32) -> Vec<u32> {
-    let key = kdf::derive(seed, "fedmicse-secagg/mask/v1", &domain.info());
-    let mut rng = ChaCha20Rng::from_seed(key);
+    let mut rng = mask_stream(seed, domain);
     let m = ring_mask(k);
     // 2^k divides 2^32, so masking a uniform u32 is uniform in Z_2^k.
     (0..len).map(|_| rng.next_u32() & m).collect()
+}
+
+/// `target += expand_mask(seed, domain, target.len(), k)`, streamed: model
+/// updates are large, so the mask is never held as a second vector.
+pub fn add_mask(target: &mut [u32], seed: &[u8; 32], domain: MaskDomain, k: u32) {
+    let mut rng = mask_stream(seed, domain);
+    let m = ring_mask(k);
+    for t in target.iter_mut() {
+        *t = t.wrapping_add(rng.next_u32()) & m;
+    }
+}
+
+/// `target −= expand_mask(seed, domain, target.len(), k)`, streamed.
+pub fn sub_mask(target: &mut [u32], seed: &[u8; 32], domain: MaskDomain, k: u32) {
+    let mut rng = mask_stream(seed, domain);
+    let m = ring_mask(k);
+    for t in target.iter_mut() {
+        *t = t.wrapping_sub(rng.next_u32()) & m;
+    }
 }
 
 #[cfg(test)]
@@ -238,5 +260,14 @@ mod tests {
         );
         let short = expand_mask(&seed, MaskDomain::SelfMask { round: 1 }, 64, 5);
         assert!(short.iter().all(|&v| v < 32));
+        // Streaming add/sub agree with the expanded mask.
+        let domain = MaskDomain::Pairwise { round: 3 };
+        let mut y = vec![7u32; 64];
+        add_mask(&mut y, &seed, domain, 10);
+        let mut expected = vec![7u32; 64];
+        add_assign(&mut expected, &expand_mask(&seed, domain, 64, 10), 10);
+        assert_eq!(y, expected);
+        sub_mask(&mut y, &seed, domain, 10);
+        assert_eq!(y, vec![7u32; 64]);
     }
 }

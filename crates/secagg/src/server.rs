@@ -254,13 +254,12 @@ impl ServerUnmask {
 
     /// Rebuilds the secrets, removes every mask, and returns the sum of the
     /// survivors' inputs — the only thing the coordinator ever learns.
-    pub fn finish(self) -> Result<Aggregate, Error> {
-        let (round, k, len) = (self.config.round, self.config.ring_bits, self.config.len);
-        let mut sum = self.sum.clone();
+    pub fn finish(mut self) -> Result<Aggregate, Error> {
+        let (round, k) = (self.config.round, self.config.ring_bits);
+        let mut sum = std::mem::take(&mut self.sum);
         for &u in &self.survivors {
             let b = self.rebuild(&self.b_shares, u)?;
-            let mask = ring::expand_mask(&b, MaskDomain::SelfMask { round }, len, k);
-            ring::sub_assign(&mut sum, &mask, k);
+            ring::sub_mask(&mut sum, &b, MaskDomain::SelfMask { round }, k);
         }
         for &v in &self.dropped {
             let s = KeyPair::from_secret_bytes(*self.rebuild(&self.s_shares, v)?);
@@ -272,12 +271,12 @@ impl ServerUnmask {
                     continue;
                 }
                 let seed = pairwise_seed(&s, &self.keys[&u].s_pk, round, v, u)?;
-                let mask = ring::expand_mask(&seed, MaskDomain::Pairwise { round }, len, k);
+                let domain = MaskDomain::Pairwise { round };
                 // u added +mask for a larger peer and −mask for a smaller one.
                 if v > u {
-                    ring::sub_assign(&mut sum, &mask, k);
+                    ring::sub_mask(&mut sum, &seed, domain, k);
                 } else {
-                    ring::add_assign(&mut sum, &mask, k);
+                    ring::add_mask(&mut sum, &seed, domain, k);
                 }
             }
         }

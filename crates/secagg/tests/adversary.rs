@@ -273,7 +273,7 @@ fn threshold_must_be_a_majority_of_holders() {
     cfg.threshold = 1;
     assert!(matches!(
         ServerKeys::new(cfg).err(),
-        Some(Error::InvalidThreshold { .. })
+        Some(Error::ThresholdBelowTwo(1))
     ));
 }
 
