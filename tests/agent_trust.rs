@@ -188,6 +188,7 @@ fn agent_config(certs: &Path, port: u16) -> AgentConfig {
         },
         http: Default::default(),
         limits: Default::default(),
+        state_dir: None,
     }
 }
 

@@ -542,6 +542,7 @@ async fn agent_sends_trained_minus_global_for_the_trainable_tensors_only() {
         retry: Default::default(),
         http: Default::default(),
         limits: Default::default(),
+        state_dir: None,
     };
     let shard: Vec<String> = (0..5).map(|i| format!("sentence {i}")).collect();
     let agent = fedmicse_agent::Agent::new(&agent_config, shard, trainer.clone()).unwrap();

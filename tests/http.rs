@@ -98,6 +98,7 @@ async fn metrics_http_api_status_and_agent_metrics() {
             listen: Some(format!("127.0.0.1:{agent_port}").parse().unwrap()),
         },
         limits: Default::default(),
+        state_dir: None,
     };
     let agent = Agent::new(
         &cfg,

@@ -172,6 +172,7 @@ impl Fed {
                 },
                 http: Default::default(),
                 limits: Default::default(),
+                state_dir: None,
             };
             std::fs::write(
                 dir.join(format!("{id}.toml")),

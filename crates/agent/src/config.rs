@@ -32,6 +32,10 @@ pub struct AgentConfig {
     /// The most this agent accepts in a model from the coordinator.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Where the agent keeps what must survive its restart: the error-feedback residual of
+    /// int8 / int4 / f16 / bf16 updates. None: kept in memory only.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// Ceilings on a pulled model, checked against the coordinator's header before anything
@@ -122,6 +126,9 @@ impl AgentConfig {
         let mut c: AgentConfig = load_toml(path)?;
         let base = base_of(path);
         resolve(base, &mut c.data.file);
+        if let Some(d) = &mut c.state_dir {
+            resolve(base, d);
+        }
         if let Some(t) = &mut c.tls {
             t.resolve(base);
         }

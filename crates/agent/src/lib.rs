@@ -5,6 +5,7 @@
 
 pub mod attack;
 pub mod config;
+pub mod feedback;
 pub mod metrics;
 
 use std::sync::Arc;
@@ -29,6 +30,9 @@ pub enum AgentError {
     Connect(String),
     #[error("HTTP listen: {0}")]
     Http(String),
+    /// The state directory (error-feedback residual) cannot be read or written.
+    #[error("state: {0}")]
+    State(#[from] fedmicse_tensors::TensorError),
     /// Revoked, not on the allowlist, a certificate the coordinator does not accept.
     #[error("coordinator refused us: {0}")]
     Refused(String),
@@ -50,8 +54,11 @@ struct Pending {
     model_digest: Vec<u8>,
     num_samples: u64,
     metrics: LocalMetrics,
+    /// The delta as sent: on the wire's grid, the carried residual included.
     delta: Arc<TensorMap>,
     dtype: fedmicse_wire::ElementType,
+    /// What rounding `delta` onto the grid left, kept once the update is accepted.
+    residual: TensorMap,
 }
 
 pub struct Agent {
@@ -69,6 +76,8 @@ pub struct Agent {
     attack: Option<attack::Attack>,
     /// The most this agent accepts in a pulled model (`[limits]`).
     pull_limits: fedmicse_wire::client::PullLimits,
+    /// What rounding updates onto the wire's grid dropped, carried to the next round.
+    feedback: std::sync::Mutex<feedback::ErrorFeedback>,
 }
 
 /// How a round attempt went wrong, and what the agent does about it.
@@ -176,6 +185,9 @@ impl Agent {
             metrics: Arc::new(metrics::AgentMetrics::new()),
             attack: None,
             pull_limits: (&config.limits).into(),
+            feedback: std::sync::Mutex::new(feedback::ErrorFeedback::open(
+                config.state_dir.as_deref(),
+            )?),
         })
     }
 
@@ -314,11 +326,21 @@ impl Agent {
             .await?;
         report.bytes_up += bytes;
         report.rounds_trained.push(p.round);
+        self.keep_residual(pending.take().expect("pending update").residual);
         self.metrics.bytes_up.inc_by(bytes);
         self.metrics.rounds.inc();
-        tracing::info!(agent = %report.client_id, round = p.round, bytes, reply = %r.message, "update sent");
-        *pending = None;
+        tracing::info!(agent = %report.client_id, round = resp.round, bytes, reply = %r.message, "update sent");
         Ok(())
+    }
+
+    /// Carries an accepted update's rounding residual to the next round. A failed write
+    /// is logged and counted, and the residual kept in memory; the update itself is in.
+    fn keep_residual(&self, residual: TensorMap) {
+        let mut ef = self.feedback.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = ef.commit(residual) {
+            self.metrics.failures.inc();
+            tracing::error!(agent = %self.name, error = %e, "could not keep the error-feedback residual on disk");
+        }
     }
 
     /// While this agent pulls, trains and uploads it tells the coordinator it is alive, so a
@@ -386,13 +408,19 @@ impl Agent {
                 .sentences_per_second
                 .set(rows / metrics.seconds);
         }
+        let rounded = self
+            .feedback
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .round(&delta, task.update_dtype, seed);
         Ok(Pending {
             round: resp.round,
             model_digest: resp.model_digest.clone(),
             num_samples: self.shard.len() as u64,
             metrics,
-            delta: Arc::new(delta),
+            delta: Arc::new(rounded.sent),
             dtype: task.update_dtype,
+            residual: rounded.residual,
         })
     }
 }

@@ -37,6 +37,10 @@ pub struct SimulateCmd {
     /// Output directory [overrides `output`].
     #[arg(long, value_name = "DIR")]
     pub output: Option<PathBuf>,
+    /// Element type of updates: f32, f16, bf16, int8 (~26 % of f32's bytes) or int4
+    /// (~14 %), rounded stochastically with error feedback [overrides `[task].update_dtype`].
+    #[arg(long, value_name = "TYPE")]
+    pub update_dtype: Option<fedmicse_wire::ElementType>,
     /// Make the last K agents hostile (K < clients); they train honestly, then send what
     /// --attack says. `min_clients` becomes clients − K unless the config sets it.
     #[arg(long, value_name = "K", default_value_t = 0)]
@@ -67,6 +71,7 @@ impl SimulateCmd {
             partition: self.partition,
             seed: self.seed,
             output: self.output,
+            update_dtype: self.update_dtype,
         });
         let adversary = Adversary {
             byzantine: self.byzantine,

@@ -59,6 +59,7 @@ pub fn run_status(cmd: StatusCmd) -> Result<()> {
         retry: Default::default(),
         http: Default::default(),
         limits: Default::default(),
+        state_dir: None,
     };
     let target = Target {
         url: cmd.coordinator.clone(),

@@ -141,10 +141,9 @@ async fn receive_tensors(
     idle: Duration,
 ) -> Result<(TensorMap, u64), Refusal> {
     let dtype = s.config.task.update_dtype;
-    let elem = dtype.size() as u64;
     let expected_bytes: u64 = expected
         .values()
-        .map(|s| s.iter().product::<usize>() as u64 * elem)
+        .map(|s| dtype.encoded_len(s.iter().product::<usize>()) as u64)
         .sum();
     // Bounded memory: only so many updates are held at once; others wait here, their
     // streams held back by HTTP/2 flow control. Every holder is bounded by the idle timeout.

@@ -119,6 +119,7 @@ impl SimulateConfig {
             partition,
             seed,
             output,
+            update_dtype,
         } = overrides;
         self.model = model.unwrap_or(std::mem::take(&mut self.model));
         self.output = output.unwrap_or(std::mem::take(&mut self.output));
@@ -127,6 +128,7 @@ impl SimulateConfig {
         self.rounds = rounds.unwrap_or(self.rounds);
         self.sample = sample.unwrap_or(self.sample);
         self.seed = seed.unwrap_or(self.seed);
+        self.task.update_dtype = update_dtype.unwrap_or(self.task.update_dtype);
     }
 }
 
@@ -140,6 +142,7 @@ pub struct Overrides {
     pub partition: Option<Partition>,
     pub seed: Option<u64>,
     pub output: Option<PathBuf>,
+    pub update_dtype: Option<fedmicse_wire::ElementType>,
 }
 
 /// The coordinator's bounds on updates in a simulation.

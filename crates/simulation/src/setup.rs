@@ -21,6 +21,8 @@ const CERT_DAYS: i64 = 7;
 pub struct Dirs {
     pub state: PathBuf,
     pub certs: PathBuf,
+    /// One state directory per agent (its error-feedback residual).
+    pub agents: PathBuf,
 }
 
 impl Dirs {
@@ -28,6 +30,7 @@ impl Dirs {
         Dirs {
             state: output.join("coordinator"),
             certs: output.join("certs"),
+            agents: output.join("agents"),
         }
     }
 
@@ -37,7 +40,7 @@ impl Dirs {
     pub fn prepare(&self, output: &Path, ids: &[String]) -> Result<()> {
         std::fs::create_dir_all(output)
             .with_context(|| format!("creating {}", output.display()))?;
-        for d in [&self.state, &self.certs] {
+        for d in [&self.state, &self.certs, &self.agents] {
             if d.exists() {
                 std::fs::remove_dir_all(d).with_context(|| format!("removing {}", d.display()))?;
             }
@@ -121,6 +124,7 @@ pub fn agent_config(c: &SimulateConfig, id: &str, port: u16, dirs: &Dirs) -> Age
         retry: Default::default(),
         http: Default::default(),
         limits: Default::default(),
+        state_dir: Some(dirs.agents.join(id)),
     }
 }
 

@@ -8,7 +8,8 @@ use sha2::{Digest, Sha256};
 
 use crate::{ElementType, TensorMap};
 
-/// Little-endian bytes of `data` in `dtype` (borrowed for f32).
+/// Little-endian bytes of `data` in `dtype` (borrowed for f32; int8 / int4 round to the
+/// nearest code).
 pub fn encode(data: &[f32], dtype: ElementType) -> Cow<'_, [u8]> {
     match dtype {
         ElementType::F32 => Cow::Borrowed(bytemuck::cast_slice(data)),
@@ -22,13 +23,14 @@ pub fn encode(data: &[f32], dtype: ElementType) -> Cow<'_, [u8]> {
                 .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
                 .collect(),
         ),
+        ElementType::Int8 | ElementType::Int4 => Cow::Owned(crate::quantize::encode(data, dtype)),
     }
 }
 
-/// Values of little-endian `bytes` in `dtype`; `None` when the length is not a whole number
-/// of elements.
-pub fn decode(bytes: &[u8], dtype: ElementType) -> Option<Vec<f32>> {
-    if bytes.len() % dtype.size() != 0 {
+/// The `n` values of little-endian `bytes` in `dtype`; `None` when the length is not
+/// their encoding's.
+pub fn decode(bytes: &[u8], dtype: ElementType, n: usize) -> Option<Vec<f32>> {
+    if bytes.len() != dtype.encoded_len(n) {
         return None;
     }
     Some(match dtype {
@@ -41,6 +43,7 @@ pub fn decode(bytes: &[u8], dtype: ElementType) -> Option<Vec<f32>> {
             .chunks_exact(2)
             .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
             .collect(),
+        ElementType::Int8 | ElementType::Int4 => return crate::quantize::decode(bytes, dtype, n),
     })
 }
 
@@ -73,7 +76,7 @@ pub fn hash_header(h: &mut Sha256, name: &str, shape: &[usize], dtype: ElementTy
 /// Payload bytes of a tensor set in `dtype`.
 pub fn total_bytes_as(map: &TensorMap, dtype: ElementType) -> u64 {
     map.values()
-        .map(|t| (t.data.len() * dtype.size()) as u64)
+        .map(|t| dtype.encoded_len(t.data.len()) as u64)
         .sum()
 }
 
@@ -93,12 +96,13 @@ mod tests {
     fn encode_decode_round_trip() {
         let x = [1.0f32, -2.5, 0.125, 3.0e-3];
         for d in [ElementType::F32, ElementType::F16, ElementType::Bf16] {
-            let back = decode(&encode(&x, d), d).unwrap();
+            let back = decode(&encode(&x, d), d, x.len()).unwrap();
             for (a, b) in x.iter().zip(&back) {
                 assert!((a - b).abs() <= a.abs() * 1e-2, "{d}: {a} vs {b}");
             }
         }
-        assert_eq!(decode(&[0u8; 3], ElementType::F16), None);
+        assert_eq!(decode(&[0u8; 3], ElementType::F16, 1), None);
+        assert_eq!(decode(&[0u8; 4], ElementType::F16, 1), None);
     }
 
     #[test]

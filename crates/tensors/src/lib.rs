@@ -9,13 +9,15 @@
 //!   [`safetensors::TensorFile`] that reads slices of one tensor with positioned reads,
 //!   so a process can combine many updates while holding only a slice of each.
 //! - [`write_atomic`]: a crash leaves the old file or the new one, never half of one.
-//! - [`ElementType`] and [`digest`]: how tensors are encoded and hashed on the wire.
+//! - [`ElementType`] and [`digest`]: how tensors are encoded and hashed on the wire;
+//!   [`quantize`]: the int8 / int4 block codes and the stochastic rounding onto them.
 //! - [`name_matches`]: the one rule for selecting tensors by name or prefix.
 
 mod atomic;
 pub mod digest;
 mod element;
 mod error;
+pub mod quantize;
 pub mod safetensors;
 
 use std::collections::BTreeMap;

@@ -29,7 +29,7 @@ pub fn chunk_tensors(map: &TensorMap) -> impl Iterator<Item = TensorChunk> + '_ 
 /// The chunks of a tensor set in `dtype`, in order, made lazily: one chunk's bytes exist
 /// at a time, so streaming a model costs a chunk of memory, not a copy of the model.
 pub fn chunk_tensors_as(map: &TensorMap, dtype: DType) -> impl Iterator<Item = TensorChunk> + '_ {
-    let per_chunk = CHUNK_BYTES / dtype.size();
+    let per_chunk = dtype.values_within(CHUNK_BYTES);
     map.iter().flat_map(move |(name, t)| {
         let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
         // A zero-sized tensor still gets one (empty) chunk so its name and shape arrive.
@@ -41,7 +41,8 @@ pub fn chunk_tensors_as(map: &TensorMap, dtype: DType) -> impl Iterator<Item = T
                 name: name.clone(),
                 shape: shape.clone(),
                 dtype: dtype.tag(),
-                offset: (start * dtype.size()) as u64,
+                // A chunk starts on a block boundary, so this is its byte offset.
+                offset: dtype.encoded_len(start) as u64,
                 data: Bytes::from(encode(&t.data[start..end], dtype).into_owned()),
             }
         })
@@ -57,7 +58,7 @@ const MAX_PREALLOC: u64 = 64 << 20;
 pub struct Limits {
     pub max_tensors: usize,
     pub max_total_bytes: u64,
-    /// The only element type accepted; `None` accepts f32, f16 and bf16.
+    /// The only element type accepted; `None` accepts any.
     pub dtype: Option<DType>,
 }
 
@@ -124,7 +125,7 @@ struct Pending {
 }
 
 /// Reassembles chunks into tensors, checking order, offsets, sizes, limits and the digest.
-/// f16 and bf16 tensors are widened to f32 (the digest covers the bytes as sent).
+/// f16, bf16, int8 and int4 tensors are widened to f32 (the digest covers the bytes as sent).
 pub struct Assembler {
     limits: Limits,
     tensors: TensorMap,
@@ -220,12 +221,13 @@ impl Assembler {
             .ok_or_else(|| AssemblyError::Malformed {
                 name: chunk.name.clone(),
             })?;
-        let expected =
-            elems
-                .checked_mul(dtype.size() as u64)
-                .ok_or_else(|| AssemblyError::Malformed {
-                    name: chunk.name.clone(),
-                })?;
+        let expected = usize::try_from(elems)
+            .ok()
+            .filter(|&n| n <= usize::MAX / 8)
+            .map(|n| dtype.encoded_len(n) as u64)
+            .ok_or_else(|| AssemblyError::Malformed {
+                name: chunk.name.clone(),
+            })?;
         if self.bytes.saturating_add(expected) > self.limits.max_total_bytes {
             return Err(AssemblyError::TooLarge(self.limits.max_total_bytes));
         }
@@ -259,7 +261,8 @@ impl Assembler {
                 expected: p.expected,
             });
         }
-        let data = decode(&p.buf, p.dtype).expect("length checked against the shape");
+        let n = to_usize(&p.shape).iter().product();
+        let data = decode(&p.buf, p.dtype, n).expect("length checked against the shape");
         self.tensors
             .insert(p.name, HostTensor::new(to_usize(&p.shape), data));
         Ok(())
@@ -376,6 +379,47 @@ mod tests {
         });
         let c = chunk_tensors_as(&m, DType::F16).next().unwrap();
         assert!(matches!(a.push(c), Err(AssemblyError::DType { .. })));
+    }
+
+    #[test]
+    fn integer_codes_stream_across_chunks_and_arrive_exactly() {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for dt in [DType::Int8, DType::Int4] {
+            // On the grid, as an agent sends them: what arrives is what was sent, bit for bit.
+            let mut m = sample();
+            // More than two chunks even at half a byte per value.
+            let n = CHUNK_BYTES * 5 + 3;
+            let huge = (0..n).map(|i| ((i % 251) as f32 - 125.0) * 1e-4).collect();
+            m.insert("d.huge".into(), HostTensor::new(vec![n], huge));
+            let m: TensorMap = m
+                .into_iter()
+                .map(|(n, t)| {
+                    let data = fedmicse_tensors::quantize::round_to_grid(&t.data, dt, &mut rng);
+                    (n, HostTensor::new(t.shape, data))
+                })
+                .collect();
+            let chunks: Vec<_> = chunk_tensors_as(&m, dt).collect();
+            assert!(chunks.iter().all(|c| c.data.len() <= CHUNK_BYTES));
+            assert!(chunks.len() >= 3 + 3, "{dt}: the huge tensor spans chunks");
+            let mut a = Assembler::new(Limits {
+                dtype: Some(dt),
+                ..limits()
+            });
+            for c in chunks {
+                a.push(c).unwrap();
+            }
+            let bytes = total_bytes_as(&m, dt);
+            let got = a.finish(m.len() as u64, bytes, &digest_as(&m, dt)).unwrap();
+            assert_eq!(got, m, "{dt}");
+            let ratio = bytes as f64 / total_bytes(&m) as f64;
+            let (lo, hi) = if dt == DType::Int8 {
+                (0.25, 0.27)
+            } else {
+                (0.125, 0.145)
+            };
+            assert!((lo..hi).contains(&ratio), "{dt}: {ratio} of f32 bytes");
+        }
     }
 
     #[test]
