@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Chunk payloads as `bytes::Bytes`: no copies between the socket and the assembler.
         .bytes(".fedmicse.v1.TensorChunk.data")
+        .bytes(".fedmicse.v1.MaskedChunk.data")
         .compile_protos(&[proto], &["../../proto"])?;
     Ok(())
 }

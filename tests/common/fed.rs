@@ -81,6 +81,7 @@ pub fn coordinator_config(
         inference: InferenceConfig::default(),
         aggregation: Default::default(),
         http: Default::default(),
+        secure_aggregation: Default::default(),
     }
 }
 

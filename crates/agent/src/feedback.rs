@@ -53,27 +53,37 @@ impl ErrorFeedback {
         &self.residual
     }
 
-    /// `delta` plus the residual, rounded onto `dtype`'s grid (stochastically for int8 /
-    /// int4, from `seed`), and what that rounding leaves for next time. A residual tensor
-    /// whose name or shape the delta no longer has (the task changed) is dropped.
-    pub fn round(&self, delta: &TensorMap, dtype: ElementType, seed: u64) -> Rounded {
+    /// What the agent wants the coordinator to receive: `delta` plus the residual. A
+    /// residual tensor whose name or shape the delta no longer has (the task changed) is
+    /// dropped.
+    pub fn carry(&self, delta: &TensorMap) -> TensorMap {
+        delta
+            .iter()
+            .map(|(name, t)| {
+                let data = match self.residual.get(name).filter(|r| r.shape == t.shape) {
+                    Some(r) => t.data.iter().zip(&r.data).map(|(d, r)| d + r).collect(),
+                    None => t.data.clone(),
+                };
+                (name.clone(), HostTensor::new(t.shape.clone(), data))
+            })
+            .collect()
+    }
+
+    /// `want` rounded onto `dtype`'s grid (stochastically for int8 / int4, from `seed`, so
+    /// a resend rounds the same way), and what that rounding leaves for next time.
+    pub fn round(want: &TensorMap, dtype: ElementType, seed: u64) -> Rounded {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut sent = TensorMap::new();
-        let mut residual = TensorMap::new();
-        for (name, t) in delta {
-            let carried = self.residual.get(name).filter(|r| r.shape == t.shape);
-            let want: Vec<f32> = match carried {
-                Some(r) => t.data.iter().zip(&r.data).map(|(d, r)| d + r).collect(),
-                None => t.data.clone(),
-            };
-            let grid = round_to_grid(&want, dtype, &mut rng);
-            let left: Vec<f32> = want.iter().zip(&grid).map(|(w, g)| w - g).collect();
-            if left.iter().any(|v| *v != 0.0) {
-                residual.insert(name.clone(), HostTensor::new(t.shape.clone(), left));
-            }
+        let mut left = Vec::new();
+        for (name, t) in want {
+            let grid = round_to_grid(&t.data, dtype, &mut rng);
+            left.push(residual_of(name, t, &grid));
             sent.insert(name.clone(), HostTensor::new(t.shape.clone(), grid));
         }
-        Rounded { sent, residual }
+        Rounded {
+            sent,
+            residual: left.into_iter().flatten().collect(),
+        }
     }
 
     /// Keeps `residual` from now on (call once the update it belongs to was accepted):
@@ -99,6 +109,14 @@ impl ErrorFeedback {
     }
 }
 
+/// `want − sent` for one tensor, or nothing when they are equal.
+pub fn residual_of(name: &str, want: &HostTensor, sent: &[f32]) -> Option<(String, HostTensor)> {
+    let left: Vec<f32> = want.data.iter().zip(sent).map(|(w, g)| w - g).collect();
+    left.iter()
+        .any(|v| *v != 0.0)
+        .then(|| (name.to_string(), HostTensor::new(want.shape.clone(), left)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,7 +137,7 @@ mod tests {
             // A restart between every round: the residual comes back from disk.
             let mut ef = ErrorFeedback::open(Some(dir.path())).unwrap();
             let d = delta(round);
-            let r = ef.round(&d, ElementType::Int4, round as u64);
+            let r = ErrorFeedback::round(&ef.carry(&d), ElementType::Int4, round as u64);
             for i in 0..200 {
                 sent_sum[i] += r.sent["w"].data[i] as f64;
                 true_sum[i] += d["w"].data[i] as f64;
@@ -140,11 +158,11 @@ mod tests {
     fn f32_leaves_no_residual_and_a_changed_task_drops_the_old_one() {
         let dir = tempfile::tempdir().unwrap();
         let mut ef = ErrorFeedback::open(Some(dir.path())).unwrap();
-        let r = ef.round(&delta(0), ElementType::Int8, 1);
+        let r = ErrorFeedback::round(&ef.carry(&delta(0)), ElementType::Int8, 1);
         ef.commit(r.residual).unwrap();
         assert!(dir.path().join(FILE).is_file());
         // f32 sends the residual along and leaves nothing behind.
-        let r = ef.round(&delta(1), ElementType::F32, 2);
+        let r = ErrorFeedback::round(&ef.carry(&delta(1)), ElementType::F32, 2);
         assert!(r.residual.is_empty());
         ef.commit(r.residual).unwrap();
         assert!(!dir.path().join(FILE).exists());
@@ -154,7 +172,6 @@ mod tests {
             HostTensor::new(vec![2], vec![1.0, 1.0]),
         )]))
         .unwrap();
-        let r = ef.round(&delta(1), ElementType::F32, 3);
-        assert_eq!(r.sent, delta(1));
+        assert_eq!(ef.carry(&delta(1)), delta(1));
     }
 }

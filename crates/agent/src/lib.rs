@@ -7,6 +7,7 @@ pub mod attack;
 pub mod config;
 pub mod feedback;
 pub mod metrics;
+mod secure;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,11 +55,10 @@ struct Pending {
     model_digest: Vec<u8>,
     num_samples: u64,
     metrics: LocalMetrics,
-    /// The delta as sent: on the wire's grid, the carried residual included.
-    delta: Arc<TensorMap>,
-    dtype: fedmicse_wire::ElementType,
-    /// What rounding `delta` onto the grid left, kept once the update is accepted.
-    residual: TensorMap,
+    /// The delta the agent wants received: trained − global, plus the carried residual.
+    want: Arc<TensorMap>,
+    /// Seeds the stochastic rounding of `want` (a resend rounds the same way).
+    seed: u64,
 }
 
 pub struct Agent {
@@ -82,7 +82,7 @@ pub struct Agent {
 
 /// How a round attempt went wrong, and what the agent does about it.
 #[derive(Debug)]
-enum RoundError {
+pub(crate) enum RoundError {
     /// The coordinator refuses this agent (revoked, not on the allowlist, bad certificate):
     /// the agent stops.
     Permanent(String),
@@ -310,27 +310,54 @@ impl Agent {
             *pending = Some(self.pull_and_train(conn, resp, &task, report).await?);
         }
         let p = pending.as_ref().expect("pending update");
-        let bytes = fedmicse_wire::tensors::total_bytes_as(&p.delta, p.dtype);
+        let (bytes, residual, reply) = match &resp.secure {
+            Some(params) => {
+                let sent = secure::submit(conn, resp.round, params, &p.want, p.seed).await?;
+                (
+                    sent.bytes,
+                    sent.residual,
+                    format!("in the secure sum of {} agents", sent.summed),
+                )
+            }
+            None => {
+                let (bytes, residual, r) = self.submit_plain(conn, p, task.update_dtype).await?;
+                (bytes, residual, r.message)
+            }
+        };
+        report.bytes_up += bytes;
+        report.rounds_trained.push(p.round);
+        *pending = None;
+        self.keep_residual(residual);
+        self.metrics.bytes_up.inc_by(bytes);
+        self.metrics.rounds.inc();
+        tracing::info!(agent = %report.client_id, round = resp.round, bytes, reply = %reply, "update sent");
+        Ok(())
+    }
+
+    /// Sends the update in the clear (over mTLS), rounded onto the task's element type.
+    /// Returns the bytes sent, the rounding's residual and the coordinator's answer.
+    async fn submit_plain(
+        &self,
+        conn: &mut Connection,
+        p: &Pending,
+        dtype: fedmicse_wire::ElementType,
+    ) -> Result<(u64, TensorMap, pb::SubmitResponse), RoundError> {
+        let rounded = feedback::ErrorFeedback::round(&p.want, dtype, p.seed);
+        let bytes = fedmicse_wire::tensors::total_bytes_as(&rounded.sent, dtype);
         let (num_samples, delta) = attack::before_submit(
             self.attack,
             &self.target,
             p.round,
             p.num_samples,
             p.metrics,
-            &p.delta,
-            p.dtype,
+            &Arc::new(rounded.sent),
+            dtype,
         )
         .await?;
         let r = conn
-            .submit_as(p.round, num_samples, p.metrics, delta, p.dtype)
+            .submit_as(p.round, num_samples, p.metrics, delta, dtype)
             .await?;
-        report.bytes_up += bytes;
-        report.rounds_trained.push(p.round);
-        self.keep_residual(pending.take().expect("pending update").residual);
-        self.metrics.bytes_up.inc_by(bytes);
-        self.metrics.rounds.inc();
-        tracing::info!(agent = %report.client_id, round = resp.round, bytes, reply = %r.message, "update sent");
-        Ok(())
+        Ok((bytes, rounded.residual, r))
     }
 
     /// Carries an accepted update's rounding residual to the next round. A failed write
@@ -408,19 +435,18 @@ impl Agent {
                 .sentences_per_second
                 .set(rows / metrics.seconds);
         }
-        let rounded = self
+        let want = self
             .feedback
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .round(&delta, task.update_dtype, seed);
+            .carry(&delta);
         Ok(Pending {
             round: resp.round,
             model_digest: resp.model_digest.clone(),
             num_samples: self.shard.len() as u64,
             metrics,
-            delta: Arc::new(rounded.sent),
-            dtype: task.update_dtype,
-            residual: rounded.residual,
+            want: Arc::new(want),
+            seed,
         })
     }
 }

@@ -41,6 +41,12 @@ pub struct SimulateCmd {
     /// (~14 %), rounded stochastically with error feedback [overrides `[task].update_dtype`].
     #[arg(long, value_name = "TYPE")]
     pub update_dtype: Option<fedmicse_wire::ElementType>,
+    /// Secure aggregation: the coordinator learns only the sum of each round's updates
+    /// (SecAgg; `secagg+` masks with O(log n) neighbours instead of all). Updates are
+    /// integers: --update-dtype int8 or int4 (f32 sends 16-bit integers).
+    #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "secagg",
+          value_parser = parse_secure_mode)]
+    pub secure_aggregation: Option<fedmicse_coordinator::config::SecureMode>,
     /// Make the last K agents hostile (K < clients); they train honestly, then send what
     /// --attack says. `min_clients` becomes clients − K unless the config sets it.
     #[arg(long, value_name = "K", default_value_t = 0)]
@@ -72,6 +78,7 @@ impl SimulateCmd {
             seed: self.seed,
             output: self.output,
             update_dtype: self.update_dtype,
+            secure_aggregation: self.secure_aggregation,
         });
         let adversary = Adversary {
             byzantine: self.byzantine,
@@ -205,5 +212,14 @@ mod tests {
         assert_eq!((c.clients, c.seed, c.rounds), (5, 9, 3));
         assert_eq!(c.model, dir.path().join("m"));
         assert_eq!((a.byzantine, a.attack), (2, Some(Attack::Nan)));
+    }
+}
+
+fn parse_secure_mode(s: &str) -> Result<fedmicse_coordinator::config::SecureMode, String> {
+    use fedmicse_coordinator::config::SecureMode;
+    match s {
+        "secagg" => Ok(SecureMode::Secagg),
+        "secagg+" => Ok(SecureMode::SecaggPlus),
+        other => Err(format!("{other:?}: expected secagg or secagg+")),
     }
 }

@@ -103,7 +103,11 @@ pub(crate) fn commit_round(shared: &Shared, open: &OpenRound) -> Result<Commit, 
 }
 
 /// The round's combined step, each update's influence bounded first; and how many were.
+/// Under secure aggregation, the mean the secure sum gave (no single update exists here).
 fn aggregate(shared: &Shared, open: &OpenRound) -> Result<(TensorMap, u32), Error> {
+    if let Some(s) = &open.secure {
+        return Ok((s.step.clone(), 0));
+    }
     let a = &shared.config.aggregation;
     let stored: Vec<pending::Stored> = open.submitted.values().cloned().collect();
     let stats: Vec<_> = stored.iter().map(pending::Stored::stats).collect();

@@ -27,6 +27,84 @@ pub struct CoordinatorConfig {
     pub inference: InferenceConfig,
     #[serde(default)]
     pub http: HttpConfig,
+    #[serde(default)]
+    pub secure_aggregation: SecureAggregationConfig,
+}
+
+/// Secure aggregation: the coordinator learns only the sum of each round's updates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecureAggregationConfig {
+    pub enabled: bool,
+    /// "secagg": every agent masks with every other; "secagg+": with O(log n) neighbours
+    /// (less work and traffic for large federations, the same guarantee against a
+    /// coordinator that sees fewer than a threshold of colluding agents).
+    pub mode: SecureMode,
+    /// Seconds each protocol step after the first waits for the agents' answers; the
+    /// silent ones count as dropped (their masks are removed, their update left out).
+    pub step_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecureMode {
+    #[default]
+    Secagg,
+    #[serde(rename = "secagg+")]
+    SecaggPlus,
+}
+
+impl Default for SecureAggregationConfig {
+    fn default() -> Self {
+        SecureAggregationConfig {
+            enabled: false,
+            mode: SecureMode::Secagg,
+            step_timeout_secs: 60,
+        }
+    }
+}
+
+impl SecureAggregationConfig {
+    /// Settings that cannot work together with secure aggregation are refused at start.
+    fn validate(&self, c: &CoordinatorConfig) -> Result<(), String> {
+        if !self.enabled {
+            return Ok(());
+        }
+        if self.step_timeout_secs == 0 {
+            return Err("secure_aggregation.step_timeout_secs must be at least 1".into());
+        }
+        if c.aggregation.strategy != Strategy::Fedavg {
+            return Err(format!(
+                "aggregation.strategy = {:?} needs every update on its own; with secure aggregation the coordinator only ever sees their sum: use \"fedavg\"",
+                c.aggregation.strategy
+            ));
+        }
+        if c.federation.min_clients < 3 {
+            return Err(format!(
+                "secure aggregation needs federation.min_clients of at least 3 (it is {}): the sum of two updates and either one give away the other",
+                c.federation.min_clients
+            ));
+        }
+        if secure_value_bits(c.task.update_dtype).is_none() {
+            return Err(format!(
+                "task.update_dtype = \"{}\": secure aggregation sums integers; use \"int8\", \"int4\" or \"f32\" (16-bit integers)",
+                c.task.update_dtype
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Bits of each value agents send under secure aggregation: the integer types' own, and
+/// 16 for f32 (the masked sum needs integers; 16 bits keep f32's use: near-lossless).
+pub fn secure_value_bits(dtype: fedmicse_tensors::ElementType) -> Option<u32> {
+    use fedmicse_tensors::ElementType::*;
+    match dtype {
+        Int8 => Some(8),
+        Int4 => Some(4),
+        F32 => Some(16),
+        F16 | Bf16 => None,
+    }
 }
 
 /// The HTTP side: health and readiness probes, Prometheus metrics and, optionally, an
@@ -353,6 +431,7 @@ impl CoordinatorConfig {
             return Err("inference.max_sentences must be ≥ 1 and inference.max_len ≥ 3".into());
         }
         self.task.validate()?;
+        self.secure_aggregation.validate(self)?;
         Ok(())
     }
 

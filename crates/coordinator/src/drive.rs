@@ -10,7 +10,7 @@ use fedmicse_federation::trainable_names;
 
 use crate::commit::{Commit, commit_round};
 use crate::engine::{Action, Clock, Engine, Rules};
-use crate::rounds::OpenRound;
+use crate::rounds::{OpenRound, Phase};
 use crate::{Shared, unix_ms};
 
 /// Runs rounds until every one is committed.
@@ -23,6 +23,7 @@ pub(crate) async fn drive(shared: Arc<Shared>) {
                 now: Instant::now(),
                 unix_ms: unix_ms(SystemTime::now()),
             };
+            secure_tick(&shared, &mut st, clock.now);
             engine.tick(&mut st, clock, &|id, serial| {
                 shared.revocations.is_revoked(id, serial)
             })
@@ -43,6 +44,38 @@ pub(crate) async fn drive(shared: Arc<Shared>) {
             _ = shared.wake.notified() => {}
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
+    }
+}
+
+/// Advances the open round's secure-aggregation session: closes steps whose answers are
+/// in or whose time is up, and hands the revealed mean (or the failure) to the round.
+fn secure_tick(shared: &Shared, st: &mut crate::rounds::State, now: Instant) {
+    let Phase::Training(open) = &mut st.phase else {
+        return;
+    };
+    if !shared.secure.config.enabled || open.secure.is_some() || open.secure_failed {
+        return;
+    }
+    // The key step stops waiting for slow trainers early enough for the other three.
+    let steps = Duration::from_secs(3 * shared.secure.config.step_timeout_secs);
+    let keys_until = open
+        .deadline
+        .checked_sub(steps)
+        .unwrap_or(open.opened)
+        .max(open.opened);
+    match shared
+        .secure
+        .tick(open.round, &open.selected, keys_until, now)
+    {
+        Some(Ok(outcome)) => {
+            open.bytes_up += shared.secure.bytes_up(open.round);
+            open.secure = Some(outcome);
+        }
+        Some(Err(why)) => {
+            tracing::warn!(round = open.round, reason = %why, "secure aggregation could not finish; the round is abandoned");
+            open.secure_failed = true;
+        }
+        None => {}
     }
 }
 
@@ -95,6 +128,7 @@ fn perform(shared: &Shared, action: Action) {
             tracing::info!(client = %client, round, "agent selected in place of a dropped one");
         }
         Action::Abandoned { round, answered } => {
+            shared.secure.end(round);
             tracing::warn!(
                 round,
                 answered,
@@ -117,6 +151,7 @@ async fn close(shared: &Arc<Shared>, engine: &mut Engine, open: Box<OpenRound>) 
     let (error, open) = match result {
         Ok((Ok(Commit::Committed(record)), _)) => {
             let round = record.round;
+            shared.secure.end(round);
             if engine.committed(&mut shared.lock(), record) {
                 shared.done_tx.send_replace(true);
                 tracing::info!(rounds = round, "federation finished");

@@ -204,6 +204,8 @@ impl Engine {
             bytes_up: 0,
             bytes_down: 0,
             refused: BTreeMap::new(),
+            secure: None,
+            secure_failed: false,
         }));
         actions
     }
@@ -218,9 +220,10 @@ impl Engine {
         let mut actions = drop_gone(open, &st.agents, clock.now, &self.rules, revoked);
         actions.extend(self.refill(open, &connected));
         let min = self.rules.min_clients;
-        let answered = open.submitted.len();
-        let complete = open.is_complete() && answered >= min;
-        let late = clock.now >= open.deadline;
+        let answered = open.answered();
+        // A secure round is complete once its sum is revealed (nobody can add to it).
+        let complete = (open.secure.is_some() || open.is_complete()) && answered >= min;
+        let late = clock.now >= open.deadline || open.secure_failed || open.secure.is_some();
         let round = open.round;
         if complete || (late && answered >= min) {
             let Phase::Training(open) =

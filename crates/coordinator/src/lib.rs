@@ -15,6 +15,8 @@ pub mod pending;
 pub mod recover;
 mod revoke;
 pub mod rounds;
+mod secure;
+mod secure_service;
 mod serve;
 mod service;
 mod startup;
@@ -75,6 +77,8 @@ pub(crate) struct Shared {
     inference_permits: Semaphore,
     metrics: metrics::Metrics,
     done_tx: watch::Sender<bool>,
+    /// Secure aggregation sessions (unused unless `[secure_aggregation]` is enabled).
+    secure: secure::Secure,
 }
 
 impl Shared {

@@ -35,7 +35,10 @@ pub struct CallTimeout<S> {
 
 /// Streaming methods, bounded by their chunk idle timeouts rather than a call deadline.
 fn is_streaming(path: &str) -> bool {
-    path.ends_with("/SubmitUpdate") || path.ends_with("/PullModel")
+    // Secure-aggregation steps wait for the other agents; each bounds its own wait.
+    path.ends_with("/SubmitUpdate")
+        || path.ends_with("/PullModel")
+        || path.starts_with("/fedmicse.v1.SecureAggregation/")
 }
 
 impl<S, B, RB> tower_service::Service<http::Request<B>> for CallTimeout<S>

@@ -41,6 +41,10 @@ pub struct OpenRound {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub refused: BTreeMap<String, u64>,
+    /// Under secure aggregation: the round's step as the secure sum gave it.
+    pub secure: Option<crate::secure::SecureOutcome>,
+    /// Under secure aggregation: the protocol failed (too few agents left), abandon now.
+    pub secure_failed: bool,
 }
 
 impl OpenRound {
@@ -50,6 +54,13 @@ impl OpenRound {
         self.selected
             .iter()
             .all(|id| self.submitted.contains_key(id) || self.failed.contains(id))
+    }
+
+    /// Updates the round holds: accepted ones, or those the secure sum holds.
+    pub fn answered(&self) -> usize {
+        self.secure
+            .as_ref()
+            .map_or(self.submitted.len(), |s| s.clients as usize)
     }
 
     /// Whether the round still expects an update from `id`.
@@ -85,7 +96,7 @@ impl OpenRound {
             (n > 0).then(|| losses.iter().map(|(k, l)| *k as f64 * l).sum::<f64>() / n as f64);
         RoundRecord {
             round: self.round,
-            clients: self.submitted.len() as u32,
+            clients: self.answered() as u32,
             mean_loss,
             stsb_dev,
             bytes_up: self.bytes_up,

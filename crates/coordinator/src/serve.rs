@@ -9,6 +9,7 @@ use std::time::Duration;
 use fedmicse_wire::listen::{ConnLimits, limited_incoming, serve_http};
 use fedmicse_wire::pb::federation_server::FederationServer;
 use fedmicse_wire::pb::inference_server::InferenceServer;
+use fedmicse_wire::pb::secure_aggregation_server::SecureAggregationServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -91,6 +92,11 @@ fn serve_grpc(
     let inference = InferenceServer::new(inference::InferenceService::new(shared.clone()))
         .max_decoding_message_size(fedmicse_wire::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(64 << 20);
+    let secure = SecureAggregationServer::new(
+        crate::secure_service::SecureAggregationService::new(shared.clone()),
+    )
+    .max_decoding_message_size(fedmicse_wire::MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(fedmicse_wire::MAX_MESSAGE_BYTES);
     let limits = ConnLimits {
         max_connections: srv.max_connections,
         idle: Duration::from_secs(srv.connection_idle_secs),
@@ -101,7 +107,8 @@ fn serve_grpc(
             unary: Duration::from_secs(srv.call_timeout_secs),
         })
         .add_service(federation)
-        .add_service(inference);
+        .add_service(inference)
+        .add_service(secure);
     Ok(tokio::spawn(async move {
         router
             .serve_with_incoming_shutdown(incoming, async move {

@@ -171,6 +171,20 @@ impl Federation for FederationService {
                 if open.awaits(&id) {
                     resp.selected = true;
                     resp.task = Some((&s.config.task).into());
+                    if s.secure.config.enabled {
+                        let largest = st.agents.values().map(|a| a.shard_size).max().unwrap_or(1);
+                        let params = s.secure.params_for(
+                            open,
+                            &id,
+                            s.config.federation.allowlist.len(),
+                            &s.config.task,
+                            largest,
+                        );
+                        resp.secure = Some(params.map_err(|e| {
+                            tracing::error!(round = open.round, error = %e, "secure aggregation cannot start");
+                            Status::internal(format!("secure aggregation cannot start: {e}"))
+                        })?);
+                    }
                 }
             }
         }

@@ -77,6 +77,7 @@ impl Coordinator {
             serving: ArcSwap::from_pointee(None),
             wake: Notify::new(),
             metrics: metrics::Metrics::new(),
+            secure: crate::secure::Secure::new(config.secure_aggregation.clone()),
             store,
             pending,
             revocations: revoke::Revocations::new(

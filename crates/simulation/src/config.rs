@@ -51,6 +51,9 @@ pub struct SimulateConfig {
     /// How the coordinator combines updates (the coordinator's `[aggregation]`).
     #[serde(default)]
     pub aggregation: AggregationConfig,
+    /// The coordinator's `[secure_aggregation]`.
+    #[serde(default)]
+    pub secure_aggregation: fedmicse_coordinator::config::SecureAggregationConfig,
 }
 
 /// `[federation]` of `simulate.toml`: the few coordinator settings a simulation varies.
@@ -120,7 +123,12 @@ impl SimulateConfig {
             seed,
             output,
             update_dtype,
+            secure_aggregation,
         } = overrides;
+        if let Some(mode) = secure_aggregation {
+            self.secure_aggregation.enabled = true;
+            self.secure_aggregation.mode = mode;
+        }
         self.model = model.unwrap_or(std::mem::take(&mut self.model));
         self.output = output.unwrap_or(std::mem::take(&mut self.output));
         self.partition = partition.unwrap_or(self.partition);
@@ -143,6 +151,8 @@ pub struct Overrides {
     pub seed: Option<u64>,
     pub output: Option<PathBuf>,
     pub update_dtype: Option<fedmicse_wire::ElementType>,
+    /// Turns secure aggregation on, in this mode.
+    pub secure_aggregation: Option<fedmicse_coordinator::config::SecureMode>,
 }
 
 /// The coordinator's bounds on updates in a simulation.

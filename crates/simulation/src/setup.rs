@@ -99,6 +99,7 @@ pub fn coordinator_config(
         eval: c.eval.clone(),
         inference: InferenceConfig::default(),
         aggregation: c.aggregation.clone(),
+        secure_aggregation: c.secure_aggregation.clone(),
         http: Default::default(),
     }
 }

@@ -12,7 +12,8 @@ use tonic::{Request, Status};
 use crate::pb::{
     self, JoinRequest, JoinResponse, LocalMetrics, PullRequest, StatusRequest, StatusResponse,
     SubmitResponse, UpdateChunk, UpdateHeader, federation_client::FederationClient,
-    inference_client::InferenceClient, model_chunk, update_chunk,
+    inference_client::InferenceClient, model_chunk,
+    secure_aggregation_client::SecureAggregationClient, update_chunk,
 };
 use crate::tensors::{Assembler, Limits, chunk_tensors_as, digest_as, total_bytes_as};
 use crate::tls::TlsFiles;
@@ -135,6 +136,7 @@ impl From<PullError> for Status {
 pub struct Connection {
     federation: FederationClient<Svc>,
     inference: InferenceClient<Svc>,
+    secure: SecureAggregationClient<Svc>,
 }
 
 /// How to reach a coordinator.
@@ -188,8 +190,11 @@ impl Connection {
             federation: FederationClient::with_interceptor(channel.clone(), ClientId(id.clone()))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-            inference: InferenceClient::with_interceptor(channel, ClientId(id))
+            inference: InferenceClient::with_interceptor(channel.clone(), ClientId(id.clone()))
                 .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(max),
+            secure: SecureAggregationClient::with_interceptor(channel, ClientId(id))
+                .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         })
     }
@@ -325,6 +330,38 @@ impl Connection {
         });
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
         Ok(self.federation.submit_update(stream).await?.into_inner())
+    }
+
+    /// Secure aggregation, step 0: returns every participant's keys once the step closes.
+    pub async fn advertise_keys(
+        &mut self,
+        keys: pb::SecureKeys,
+    ) -> Result<pb::SecureDirectory, Status> {
+        Ok(self.secure.advertise_keys(keys).await?.into_inner())
+    }
+
+    /// Step 1: returns the shares encrypted to this agent once the step closes.
+    pub async fn share_keys(
+        &mut self,
+        shares: pb::SecureShares,
+    ) -> Result<pb::SecureShares, Status> {
+        Ok(self.secure.share_keys(shares).await?.into_inner())
+    }
+
+    /// Step 2: streams the masked input; returns the unmask request once the step closes.
+    pub async fn submit_masked(
+        &mut self,
+        round: u64,
+        masked: &fedmicse_secagg::MaskedInput,
+    ) -> Result<pb::UnmaskRequest, Status> {
+        let chunks = crate::secure::masked_chunks(round, masked);
+        let stream = tokio_stream::iter(chunks);
+        Ok(self.secure.submit_masked(stream).await?.into_inner())
+    }
+
+    /// Step 3: the shares that unmask the sum.
+    pub async fn unmask(&mut self, shares: pb::UnmaskShares) -> Result<pb::SecureDone, Status> {
+        Ok(self.secure.unmask(shares).await?.into_inner())
     }
 
     pub async fn embed(

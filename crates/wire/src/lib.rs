@@ -5,6 +5,7 @@ pub mod certs;
 pub mod client;
 pub mod convert;
 pub mod listen;
+pub mod secure;
 pub mod tensors;
 pub mod tls;
 
