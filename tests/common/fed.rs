@@ -84,13 +84,20 @@ pub fn coordinator_config(
     }
 }
 
+/// Starts a coordinator on the real model runtime (burn).
 pub async fn start(config: CoordinatorConfig) -> Running {
-    let c = tokio::task::spawn_blocking(move || {
-        Coordinator::new(config, fedmicse_encoder::BurnRuntime::shared())
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    start_with(config, fedmicse_encoder::BurnRuntime::shared()).await
+}
+
+/// Starts a coordinator that opens, serves and evaluates its model with `runtime`.
+pub async fn start_with(
+    config: CoordinatorConfig,
+    runtime: Arc<dyn fedmicse_runtime::ModelRuntime>,
+) -> Running {
+    let c = tokio::task::spawn_blocking(move || Coordinator::new(config, runtime))
+        .await
+        .unwrap()
+        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     c.serve(listener).await.unwrap()
 }
