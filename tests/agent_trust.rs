@@ -166,29 +166,14 @@ fn header_of(round: u64, tensors: &TensorMap, files: &[(String, Vec<u8>)]) -> Mo
     }
 }
 
+/// Agent `a` of the coordinator at `port`, retrying fast.
 fn agent_config(certs: &Path, port: u16) -> AgentConfig {
     AgentConfig {
-        coordinator: format!("https://127.0.0.1:{port}"),
-        server_name: Some("localhost".into()),
-        tls: Some(fedmicse_wire::TlsFiles {
-            ca: certs.join("ca.pem"),
-            cert: certs.join("a.pem"),
-            key: certs.join("a.key"),
-        }),
-        plaintext_client_id: None,
-        data: fedmicse_agent::config::DataConfig {
-            file: "unused".into(),
-            sample: None,
-            seed: 1,
-        },
-        device: Default::default(),
         retry: fedmicse_agent::config::RetryConfig {
             initial_ms: 50,
             max_ms: 200,
         },
-        http: Default::default(),
-        limits: Default::default(),
-        state_dir: None,
+        ..common::fed::agent_config(port, certs, "a")
     }
 }
 

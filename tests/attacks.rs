@@ -3,38 +3,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use common::fed::*;
-use common::*;
 use fedmicse_encoder::TensorMap;
 use fedmicse_encoder::weights::read_safetensors_map;
-
-/// A tiny model, a 40-pair dev file and a simulate.toml in `dir`.
-fn setup(dir: &Path) -> (PathBuf, PathBuf) {
-    let model = tiny_model(&dir.join("model"), 32, 2, 2, 64);
-    let dev = dir.join("dev.tsv");
-    let lines: Vec<String> = std::fs::read_to_string(root().join("data/sts/stsb/dev.tsv"))
-        .unwrap()
-        .lines()
-        .take(41)
-        .map(String::from)
-        .collect();
-    std::fs::write(&dev, lines.join("\n")).unwrap();
-    let config = dir.join("sim.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "model = {:?}\ndata = {:?}\nsample = 60\nclients = 3\nrounds = 2\noutput = \"out\"\n\
-             [task]\nbatch_size = 8\nmax_len = 16\nami_samples = 20\nlr = 1e-4\n[eval]\ndev_file = \"dev.tsv\"\n",
-            model,
-            root().join("data/wiki/wiki_sentences.txt")
-        ),
-    )
-    .unwrap();
-    (model, config)
-}
 
 fn simulate(config: &Path, out: &Path, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_fedmicse"))
@@ -75,7 +49,7 @@ fn distance_and_max(a: &TensorMap, b: &TensorMap) -> (f64, f64) {
 #[test]
 fn byzantine_scale_attack_is_contained_by_the_default_defences() {
     let dir = tempfile::tempdir().unwrap();
-    let (model, config) = setup(dir.path());
+    let (model, config) = small_simulation(dir.path(), "");
     let start = weights(&model);
     let (_, start_max) = distance_and_max(&start, &start);
 

@@ -89,24 +89,19 @@ fn embed_npy_to_file() {
     let input = dir.path().join("in.txt");
     let output = dir.path().join("out.npy");
     std::fs::write(&input, "first sentence\nsecond one\nthird\n").unwrap();
-    let out = fedmicse()
-        .args([
-            "embed",
-            "--model",
-            model.to_str().unwrap(),
-            "--format",
-            "npy",
-        ])
-        .arg("--input")
-        .arg(&input)
-        .arg("--output")
-        .arg(&output)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        fedmicse()
+            .args([
+                "embed",
+                "--model",
+                model.to_str().unwrap(),
+                "--format",
+                "npy",
+            ])
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(&output),
     );
     let bytes = std::fs::read(&output).unwrap();
     assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00");
@@ -129,27 +124,22 @@ fn embed_npy_to_file() {
 
 #[test]
 fn similarity_ranks_paraphrases_higher() {
-    let out = fedmicse()
-        .args([
-            "similarity",
-            "--model",
-            minilm().to_str().unwrap(),
-            "--pooling",
-            "mean",
-            "--format",
-            "json",
-        ])
-        .args([
-            "A man is playing a guitar.",
-            "Someone plays the guitar.",
-            "The stock market fell today.",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        fedmicse()
+            .args([
+                "similarity",
+                "--model",
+                minilm().to_str().unwrap(),
+                "--pooling",
+                "mean",
+                "--format",
+                "json",
+            ])
+            .args([
+                "A man is playing a guitar.",
+                "Someone plays the guitar.",
+                "The stock market fell today.",
+            ]),
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let m = &v["similarity"];

@@ -143,10 +143,7 @@ async fn median_aggregation_commits_the_coordinatewise_median() {
         vec![synthetic_delta(&global, 42, 0.01)],
         vec![synthetic_delta(&global, 43, 1.0)],
     ];
-    let mut conns: Vec<Connection> = ids
-        .iter()
-        .map(|id| connect(running.addr, &fed.certs, id))
-        .collect();
+    let mut conns = connect_all(running.addr, &fed.certs, &ids);
     drive_agents(&mut conns, &deltas, 1).await;
     finish(&running, 30).await;
     let updates: Vec<&TensorMap> = deltas.iter().map(|d| &d[0]).collect();
@@ -181,10 +178,7 @@ async fn trimmed_mean_drops_the_extremes_of_five_updates() {
             vec![synthetic_delta(&global, 50 + i, scale)]
         })
         .collect();
-    let mut conns: Vec<Connection> = ids
-        .iter()
-        .map(|id| connect(running.addr, &fed.certs, id))
-        .collect();
+    let mut conns = connect_all(running.addr, &fed.certs, &ids);
     drive_agents(&mut conns, &deltas, 1).await;
     finish(&running, 30).await;
     let updates: Vec<&TensorMap> = deltas.iter().map(|d| &d[0]).collect();
@@ -221,10 +215,7 @@ async fn fedavgm_carries_momentum_into_the_next_round() {
                 .collect()
         })
         .collect();
-    let mut conns: Vec<Connection> = ids
-        .iter()
-        .map(|id| connect(running.addr, &fed.certs, id))
-        .collect();
+    let mut conns = connect_all(running.addr, &fed.certs, &ids);
     let sent = drive_agents(&mut conns, &deltas, 2).await;
     assert_eq!(sent.len(), 2);
     finish(&running, 30).await;
@@ -371,10 +362,7 @@ async fn a_fraction_of_the_agents_is_selected_each_round() {
     let seed = config.federation.seed;
     let running = start(config).await;
     let global = running.global().tensors.clone();
-    let mut conns: Vec<Connection> = ids
-        .iter()
-        .map(|id| connect(running.addr, &fed.certs, id))
-        .collect();
+    let mut conns = connect_all(running.addr, &fed.certs, &ids);
     // Round 1 opens as soon as two agents are there: with 2 connected it takes
     // max(2, ⌈0.5 · 2⌉) = 2. The other four register while it runs.
     conns[0].join(100).await.unwrap();
@@ -528,22 +516,7 @@ async fn agent_sends_trained_minus_global_for_the_trainable_tensors_only() {
     let trainer = Arc::new(Shift {
         calls: Default::default(),
     });
-    let agent_config = fedmicse_agent::AgentConfig {
-        coordinator: format!("https://127.0.0.1:{}", running.addr.port()),
-        server_name: Some("localhost".into()),
-        tls: Some(fedmicse_wire::TlsFiles::in_dir(&fed.certs, "a")),
-        plaintext_client_id: None,
-        data: fedmicse_agent::config::DataConfig {
-            file: "(in memory)".into(),
-            sample: None,
-            seed: 1,
-        },
-        device: Default::default(),
-        retry: Default::default(),
-        http: Default::default(),
-        limits: Default::default(),
-        state_dir: None,
-    };
+    let agent_config = agent_config(running.addr.port(), &fed.certs, "a");
     let shard: Vec<String> = (0..5).map(|i| format!("sentence {i}")).collect();
     let agent = fedmicse_agent::Agent::new(&agent_config, shard, trainer.clone()).unwrap();
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);

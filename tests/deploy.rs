@@ -419,20 +419,11 @@ fn coordinator_statefulset_has_probes_state_and_tls_secret() {
     let c = &containers[0];
 
     // Readiness: GET /ready; liveness: GET /health; both on the HTTP port 9090.
-    let ready = &c["readinessProbe"];
-    assert_eq!(ready["httpGet"]["path"], "/ready", "{what}: readinessProbe");
-    assert_eq!(
-        probe_port(c, ready, what),
-        9090,
-        "{what}: readinessProbe port"
-    );
-    let live = &c["livenessProbe"];
-    assert_eq!(live["httpGet"]["path"], "/health", "{what}: livenessProbe");
-    assert_eq!(
-        probe_port(c, live, what),
-        9090,
-        "{what}: livenessProbe port"
-    );
+    for (probe, path) in [("readinessProbe", "/ready"), ("livenessProbe", "/health")] {
+        let p = &c[probe];
+        assert_eq!(p["httpGet"]["path"], path, "{what}: {probe}");
+        assert_eq!(probe_port(c, p, what), 9090, "{what}: {probe} port");
+    }
 
     // The container runs the coordinator with JSON logs.
     let args: Vec<&str> = array_of(&c["args"], &format!("{what}: args"))

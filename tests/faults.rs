@@ -8,20 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::fed::*;
-use common::*;
 use fedmicse_encoder::TensorMap;
 use fedmicse_wire::ElementType;
 use fedmicse_wire::client::Connection;
 use fedmicse_wire::pb::{self, UpdateHeader};
-use fedmicse_wire::tensors::{digest, total_bytes};
 use tonic::Code;
-
-fn assert_close(got: &TensorMap, want: &TensorMap) {
-    for (name, w) in want {
-        let d = max_abs_diff(&got[name].data, &w.data);
-        assert!(d <= 1e-6, "{name}: {d}");
-    }
-}
 
 async fn refused(
     conn: &mut Connection,
@@ -32,17 +23,6 @@ async fn refused(
     conn.submit_raw(header, Arc::new(delta), dtype)
         .await
         .expect_err("should be refused")
-}
-
-fn header(round: u64, n: u64, delta: &TensorMap) -> UpdateHeader {
-    UpdateHeader {
-        round,
-        num_samples: n,
-        tensor_count: delta.len() as u32,
-        total_bytes: total_bytes(delta),
-        digest: digest(delta),
-        metrics: Some(metrics()),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -59,13 +39,7 @@ async fn every_kind_of_bad_update_is_refused_with_its_own_status() {
     config.updates.max_norm = Some(5.0);
     config.updates.max_samples = 100;
     let running = start(config).await;
-    let (mut a, mut b) = (
-        connect(running.addr, &certs, "a"),
-        connect(running.addr, &certs, "b"),
-    );
-    let ra = tokio::spawn(async move { (wait_selected(&mut a).await, a) });
-    let rb = tokio::spawn(async move { (wait_selected(&mut b).await, b) });
-    let ((round, mut a), (_, mut b)) = (ra.await.unwrap(), rb.await.unwrap());
+    let (round, mut a, mut b) = two_selected(running.addr, &certs).await;
     let global = a.pull(round).await.unwrap().tensors;
     let good = synthetic_delta(&global, 1, 0.01);
     let f32 = ElementType::F32;
@@ -82,18 +56,24 @@ async fn every_kind_of_bad_update_is_refused_with_its_own_status() {
     };
     // Wrong round.
     expect(
-        refused(&mut a, header(round + 1, 10, &good), good.clone(), f32).await,
+        refused(
+            &mut a,
+            update_header(round + 1, 10, &good),
+            good.clone(),
+            f32,
+        )
+        .await,
         Code::FailedPrecondition,
         "wrong_round",
     );
     // Sample counts out of range.
     expect(
-        refused(&mut a, header(round, 0, &good), good.clone(), f32).await,
+        refused(&mut a, update_header(round, 0, &good), good.clone(), f32).await,
         Code::InvalidArgument,
         "samples",
     );
     expect(
-        refused(&mut a, header(round, 101, &good), good.clone(), f32).await,
+        refused(&mut a, update_header(round, 101, &good), good.clone(), f32).await,
         Code::InvalidArgument,
         "samples",
     );
@@ -101,7 +81,7 @@ async fn every_kind_of_bad_update_is_refused_with_its_own_status() {
     let mut missing = good.clone();
     missing.remove("pooler.dense.bias");
     expect(
-        refused(&mut a, header(round, 10, &missing), missing, f32).await,
+        refused(&mut a, update_header(round, 10, &missing), missing, f32).await,
         Code::InvalidArgument,
         "names",
     );
@@ -112,7 +92,7 @@ async fn every_kind_of_bad_update_is_refused_with_its_own_status() {
         .unwrap();
     t.shape.reverse();
     expect(
-        refused(&mut a, header(round, 10, &reshaped), reshaped, f32).await,
+        refused(&mut a, update_header(round, 10, &reshaped), reshaped, f32).await,
         Code::InvalidArgument,
         "shape",
     );
@@ -120,26 +100,26 @@ async fn every_kind_of_bad_update_is_refused_with_its_own_status() {
     let mut nan = good.clone();
     nan.get_mut("mlp.dense.bias").unwrap().data[3] = f32::NAN;
     expect(
-        refused(&mut a, header(round, 10, &nan), nan, f32).await,
+        refused(&mut a, update_header(round, 10, &nan), nan, f32).await,
         Code::InvalidArgument,
         "non_finite",
     );
     let mut inf = good.clone();
     inf.get_mut("embeddings.LayerNorm.weight").unwrap().data[0] = f32::INFINITY;
     expect(
-        refused(&mut a, header(round, 10, &inf), inf, f32).await,
+        refused(&mut a, update_header(round, 10, &inf), inf, f32).await,
         Code::InvalidArgument,
         "non_finite",
     );
     // Norm above the bound.
     let big = synthetic_delta(&global, 2, 10.0);
     expect(
-        refused(&mut a, header(round, 10, &big), big, f32).await,
+        refused(&mut a, update_header(round, 10, &big), big, f32).await,
         Code::InvalidArgument,
         "norm",
     );
     // Digest that does not match the data.
-    let mut h = header(round, 10, &good);
+    let mut h = update_header(round, 10, &good);
     h.digest[0] ^= 0xff;
     expect(
         refused(&mut a, h, good.clone(), f32).await,
@@ -150,7 +130,7 @@ async fn every_kind_of_bad_update_is_refused_with_its_own_status() {
     let h = UpdateHeader {
         total_bytes: fedmicse_wire::tensors::total_bytes_as(&good, ElementType::F16),
         digest: fedmicse_wire::tensors::digest_as(&good, ElementType::F16),
-        ..header(round, 10, &good)
+        ..update_header(round, 10, &good)
     };
     expect(
         refused(&mut a, h, good.clone(), ElementType::F16).await,
@@ -162,7 +142,13 @@ async fn every_kind_of_bad_update_is_refused_with_its_own_status() {
     let mut late = connect(running.addr, &certs, "late");
     late.join(5).await.unwrap();
     expect(
-        refused(&mut late, header(round, 10, &good), good.clone(), f32).await,
+        refused(
+            &mut late,
+            update_header(round, 10, &good),
+            good.clone(),
+            f32,
+        )
+        .await,
         Code::FailedPrecondition,
         "not_selected",
     );
@@ -178,7 +164,7 @@ async fn every_kind_of_bad_update_is_refused_with_its_own_status() {
     );
     let other = synthetic_delta(&global, 4, 0.01);
     expect(
-        refused(&mut a, header(round, 10, &other), other, f32).await,
+        refused(&mut a, update_header(round, 10, &other), other, f32).await,
         Code::AlreadyExists,
         "duplicate",
     );
@@ -229,10 +215,7 @@ async fn vanished_agents_do_not_block_and_too_few_answers_retry_the_round() {
     config.federation.min_clients = 2;
     config.federation.round_deadline_secs = 3;
     let running = start(config).await;
-    let mut conns: Vec<Connection> = ids
-        .iter()
-        .map(|id| connect(running.addr, &certs, id))
-        .collect();
+    let mut conns = connect_all(running.addr, &certs, &ids);
     for c in conns.iter_mut() {
         c.join(100).await.unwrap(); // registered before the round opens
     }
@@ -259,7 +242,7 @@ async fn vanished_agents_do_not_block_and_too_few_answers_retry_the_round() {
         "the same round, retried"
     );
     let big = synthetic_delta(&global, 12, 0.01);
-    let mut upload = held_upload(running.addr, &certs, "c", header(round, 7, &big));
+    let mut upload = held_upload(running.addr, &certs, "c", update_header(round, 7, &big));
     upload.send(&big, 0, 2).await; // the header and the first two chunks, then nothing
     // Wait until the coordinator holds c's upload: a second upload from c is then refused as
     // busy (a probe for another round, so one that does get through changes nothing).
@@ -268,7 +251,7 @@ async fn vanished_agents_do_not_block_and_too_few_answers_retry_the_round() {
     for _ in 0..200 {
         let st = c
             .submit_raw(
-                header(round + 1, 7, &probe),
+                update_header(round + 1, 7, &probe),
                 Arc::new(probe.clone()),
                 ElementType::F32,
             )

@@ -265,36 +265,12 @@ async fn a_100_megabyte_update_streams_in_chunks() {
 #[test]
 fn simulate_command_runs_a_small_federation() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(&dir.path().join("model"), 32, 2, 2, 64);
-    let dev = dir.path().join("dev.tsv");
-    let lines: Vec<String> = std::fs::read_to_string(root().join("data/sts/stsb/dev.tsv"))
-        .unwrap()
-        .lines()
-        .take(41)
-        .map(String::from)
-        .collect();
-    std::fs::write(&dev, lines.join("\n")).unwrap();
-    let config = dir.path().join("sim.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "model = {:?}\ndata = {:?}\nsample = 60\nclients = 3\nrounds = 2\npartition = \"dirichlet:0.5\"\noutput = \"out\"\n\
-             [task]\nbatch_size = 8\nmax_len = 16\nami_samples = 20\nlr = 1e-4\n[eval]\ndev_file = \"dev.tsv\"\n",
-            model,
-            root().join("data/wiki/wiki_sentences.txt")
-        ),
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_fedmicse"))
-        .args(["simulate", "--config"])
-        .arg(&config)
-        .args(["--rounds", "2"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (_, config) = small_simulation(dir.path(), "partition = \"dirichlet:0.5\"\n");
+    let out = run_ok(
+        Command::new(env!("CARGO_BIN_EXE_fedmicse"))
+            .args(["simulate", "--config"])
+            .arg(&config)
+            .args(["--rounds", "2"]),
     );
     let o = dir.path().join("out");
     let log: serde_json::Value =

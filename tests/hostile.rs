@@ -15,28 +15,9 @@ use common::*;
 use fedmicse_encoder::{HostTensor, TensorMap};
 use fedmicse_federation::UpdateRules;
 use fedmicse_wire::client::{Connection, Target};
-use fedmicse_wire::pb::{self, UpdateHeader};
-use fedmicse_wire::tensors::{digest, total_bytes};
+use fedmicse_wire::pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
-
-fn assert_close(got: &TensorMap, want: &TensorMap) {
-    for (name, w) in want {
-        let d = max_abs_diff(&got[name].data, &w.data);
-        assert!(d <= 1e-6, "{name}: {d}");
-    }
-}
-
-fn header(round: u64, n: u64, delta: &TensorMap) -> UpdateHeader {
-    UpdateHeader {
-        round,
-        num_samples: n,
-        tensor_count: delta.len() as u32,
-        total_bytes: total_bytes(delta),
-        digest: digest(delta),
-        metrics: Some(metrics()),
-    }
-}
 
 /// A delta of `value` everywhere, shaped like `global`.
 fn constant_delta(global: &TensorMap, value: f32) -> TensorMap {
@@ -109,6 +90,17 @@ async fn wait_done(running: &fedmicse_coordinator::Running, secs: u64) {
         .expect("the federation finished in time");
 }
 
+/// Waits (30 s at most) for the federation to finish and checks that it committed the
+/// FedAvg of `updates` (sample count, delta) applied to `global`.
+async fn assert_commits_fedavg(
+    running: &fedmicse_coordinator::Running,
+    global: &TensorMap,
+    updates: &[(u64, &TensorMap)],
+) {
+    wait_done(running, 30).await;
+    assert_close(&running.global().tensors, &fedavg(global, updates));
+}
+
 /// Scenario 1, over MiniLM so the served model's STS-B dev means something: one agent of
 /// three claims 10,000,000 samples and sends 3e38 everywhere.
 async fn takeover(rules: UpdateRules) -> (Option<f64>, Option<f64>, TensorMap, Vec<Vec<f32>>) {
@@ -125,10 +117,7 @@ async fn takeover(rules: UpdateRules) -> (Option<f64>, Option<f64>, TensorMap, V
     config.task.trainable = vec!["encoder.layer.5.".into(), "mlp.".into()];
     let running = start(config).await;
     let before = running.history()[0].stsb_dev;
-    let mut conns: Vec<Connection> = ids
-        .iter()
-        .map(|id| connect(running.addr, &certs, id))
-        .collect();
+    let mut conns = connect_all(running.addr, &certs, &ids);
     let round = select_all(&mut conns.iter_mut().collect::<Vec<_>>()).await;
     // The attacker declares the same lie at Join.
     conns[2].join(10_000_000).await.unwrap();
@@ -217,10 +206,7 @@ async fn a_stalled_upload_or_download_does_not_block_honest_agents() {
     config.server.stream_idle_secs = 2;
     config.federation.rounds = 2;
     let running = start(config).await;
-    let mut conns: Vec<Connection> = ids
-        .iter()
-        .map(|id| connect(running.addr, &certs, id))
-        .collect();
+    let mut conns = connect_all(running.addr, &certs, &ids);
     // Round 1 registers everyone; round 2, which selects all three, is the attack.
     honest_round(&mut conns).await;
     let round = select_all(&mut conns.iter_mut().collect::<Vec<_>>()).await;
@@ -245,7 +231,12 @@ async fn a_stalled_upload_or_download_does_not_block_honest_agents() {
 
     // An upload that sends its header and stops holds the only upload permit...
     let d_stall = synthetic_delta(&global, 9, 0.01);
-    let stalled = held_upload(running.addr, &certs, "stall", header(round, 10, &d_stall));
+    let stalled = held_upload(
+        running.addr,
+        &certs,
+        "stall",
+        update_header(round, 10, &d_stall),
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let da = synthetic_delta(&global, 1, 0.01);
     let db = synthetic_delta(&global, 2, 0.01);
@@ -268,11 +259,7 @@ async fn a_stalled_upload_or_download_does_not_block_honest_agents() {
         .submit(round, 10, metrics(), Arc::new(db.clone()))
         .await
         .unwrap();
-    wait_done(&running, 30).await;
-    assert_close(
-        &running.global().tensors,
-        &fedavg(&global, &[(10, &da), (10, &db)]),
-    );
+    assert_commits_fedavg(&running, &global, &[(10, &da), (10, &db)]).await;
     assert_eq!(running.history().last().unwrap().clients, 2);
     assert_eq!(running.refusals().get("idle"), Some(&1));
     running.shutdown().await;
@@ -385,8 +372,7 @@ async fn plaintext_client_ids_never_become_paths() {
     ok.submit(round, 10, metrics(), Arc::new(d.clone()))
         .await
         .unwrap();
-    wait_done(&running, 30).await;
-    assert_close(&running.global().tensors, &fedavg(&global, &[(10, &d)]));
+    assert_commits_fedavg(&running, &global, &[(10, &d)]).await;
     running.shutdown().await;
     // Nothing was written outside the state folder.
     fn walk(p: &Path, out: &mut Vec<std::path::PathBuf>) {
@@ -418,16 +404,13 @@ async fn two_parallel_uploads_from_one_agent_cannot_overwrite_each_other() {
     certs_for(&certs, &ids);
     let state = dir.path().join("state");
     let running = start(coordinator_config(&model, &state, &certs, &ids)).await;
-    let mut conns: Vec<Connection> = ids
-        .iter()
-        .map(|id| connect(running.addr, &certs, id))
-        .collect();
+    let mut conns = connect_all(running.addr, &certs, &ids);
     let round = select_all(&mut conns.iter_mut().collect::<Vec<_>>()).await;
     let global = conns[0].pull(round).await.unwrap().tensors;
     let first = synthetic_delta(&global, 1, 0.01);
     let second = synthetic_delta(&global, 2, 0.01);
     // The first upload is half sent when the second starts.
-    let mut held = held_upload(running.addr, &certs, "a", header(round, 10, &first));
+    let mut held = held_upload(running.addr, &certs, "a", update_header(round, 10, &first));
     held.send(&first, 0, 2).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let err = conns[0]
@@ -459,11 +442,7 @@ async fn two_parallel_uploads_from_one_agent_cannot_overwrite_each_other() {
         .submit(round, 10, metrics(), Arc::new(db.clone()))
         .await
         .unwrap();
-    wait_done(&running, 30).await;
-    assert_close(
-        &running.global().tensors,
-        &fedavg(&global, &[(10, &first), (10, &db)]),
-    );
+    assert_commits_fedavg(&running, &global, &[(10, &first), (10, &db)]).await;
     running.shutdown().await;
 }
 
@@ -483,10 +462,7 @@ async fn revocation_reaches_selection_uploads_in_flight_and_recovered_updates() 
         c
     };
     let running = start(config.clone()).await;
-    let mut conns: Vec<Connection> = ids
-        .iter()
-        .map(|id| connect(running.addr, &certs, id))
-        .collect();
+    let mut conns = connect_all(running.addr, &certs, &ids);
     // d registers, then is revoked before the round opens: it is not selected although
     // it joined within agent_timeout_secs.
     conns[3].join(100).await.unwrap();
@@ -507,7 +483,7 @@ async fn revocation_reaches_selection_uploads_in_flight_and_recovered_updates() 
         .await
         .unwrap();
     // b's upload is in flight when b is revoked: it is refused at the end.
-    let mut held = held_upload(running.addr, &certs, "b", header(round, 10, &db));
+    let mut held = held_upload(running.addr, &certs, "b", update_header(round, 10, &db));
     held.send(&db, 0, 1).await;
     fedmicse_wire::certs::revoke(&list, None, Some(&certs.join("b.pem"))).unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -529,10 +505,7 @@ async fn revocation_reaches_selection_uploads_in_flight_and_recovered_updates() 
     // c's stored update does not count, and the round commits from a, b and d.
     std::fs::write(&list, "c\n").unwrap();
     let running = start(config).await;
-    let mut conns: Vec<Connection> = ids
-        .iter()
-        .map(|id| connect(running.addr, &certs, id))
-        .collect();
+    let mut conns = connect_all(running.addr, &certs, &ids);
     let err = conns[2].join(100).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     let mut others = conns
@@ -557,11 +530,7 @@ async fn revocation_reaches_selection_uploads_in_flight_and_recovered_updates() 
     d.submit(round, 10, metrics(), Arc::new(dd.clone()))
         .await
         .unwrap();
-    wait_done(&running, 30).await;
-    assert_close(
-        &running.global().tensors,
-        &fedavg(&global, &[(10, &da), (10, &db), (10, &dd)]),
-    );
+    assert_commits_fedavg(&running, &global, &[(10, &da), (10, &db), (10, &dd)]).await;
     running.shutdown().await;
 }
 
@@ -601,10 +570,7 @@ async fn robust_rules_refuse_federations_too_small_to_outvote_anyone() {
     median.aggregation.strategy = Strategy::Median;
     median.updates = UpdateRules::none();
     let running = start(median).await;
-    let mut conns: Vec<Connection> = ids
-        .iter()
-        .map(|id| connect(running.addr, &certs, id))
-        .collect();
+    let mut conns = connect_all(running.addr, &certs, &ids);
     let round = select_all(&mut conns.iter_mut().collect::<Vec<_>>()).await;
     let global = conns[0].pull(round).await.unwrap().tensors;
     let honest = constant_delta(&global, 0.001);
@@ -622,10 +588,6 @@ async fn robust_rules_refuse_federations_too_small_to_outvote_anyone() {
         .submit(round, 10, metrics(), Arc::new(hostile))
         .await
         .unwrap();
-    wait_done(&running, 30).await;
-    assert_close(
-        &running.global().tensors,
-        &fedavg(&global, &[(1, &honest2)]),
-    );
+    assert_commits_fedavg(&running, &global, &[(1, &honest2)]).await;
     running.shutdown().await;
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::fed::*;
 use common::*;
-use fedmicse_agent::{Agent, AgentConfig};
+use fedmicse_agent::Agent;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -54,13 +54,7 @@ async fn metrics_http_api_status_and_agent_metrics() {
     let Fed { dir, model, certs } = fed_dir(32, 64);
     certs_for(&certs, &["real", "fake"]);
     let dev = dir.path().join("dev.tsv");
-    let lines: Vec<String> = std::fs::read_to_string(root().join("data/sts/stsb/dev.tsv"))
-        .unwrap()
-        .lines()
-        .take(31)
-        .map(String::from)
-        .collect();
-    std::fs::write(&dev, lines.join("\n")).unwrap();
+    write_stsb_dev(&dev, 30);
     let mut config =
         coordinator_config(&model, &dir.path().join("state"), &certs, &["real", "fake"]);
     config.http.listen = Some("127.0.0.1:0".parse().unwrap());
@@ -78,28 +72,8 @@ async fn metrics_http_api_status_and_agent_metrics() {
         fedmicse_training::data::read_sentences(&root().join("data/wiki/wiki_sentences.txt"))
             .unwrap()[..24]
             .to_vec();
-    let cfg = AgentConfig {
-        coordinator: format!("https://127.0.0.1:{}", running.addr.port()),
-        server_name: Some("localhost".into()),
-        tls: Some(fedmicse_wire::TlsFiles {
-            ca: certs.join("ca.pem"),
-            cert: certs.join("real.pem"),
-            key: certs.join("real.key"),
-        }),
-        plaintext_client_id: None,
-        data: fedmicse_agent::config::DataConfig {
-            file: "unused".into(),
-            sample: None,
-            seed: 1,
-        },
-        device: Default::default(),
-        retry: Default::default(),
-        http: fedmicse_agent::config::HttpConfig {
-            listen: Some(format!("127.0.0.1:{agent_port}").parse().unwrap()),
-        },
-        limits: Default::default(),
-        state_dir: None,
-    };
+    let mut cfg = agent_config(running.addr.port(), &certs, "real");
+    cfg.http.listen = Some(format!("127.0.0.1:{agent_port}").parse().unwrap());
     let agent = Agent::new(
         &cfg,
         shard,
@@ -257,27 +231,22 @@ async fn metrics_http_api_status_and_agent_metrics() {
     checks.await.unwrap();
 
     // `fedmicse status` reads the same state over gRPC.
-    let out = Command::new(env!("CARGO_BIN_EXE_fedmicse"))
-        .args([
-            "status",
-            "--json",
-            "--server-name",
-            "localhost",
-            "--coordinator",
-        ])
-        .arg(format!("https://127.0.0.1:{}", running.addr.port()))
-        .arg("--ca")
-        .arg(certs.join("ca.pem"))
-        .arg("--cert")
-        .arg(certs.join("fake.pem"))
-        .arg("--key")
-        .arg(certs.join("fake.key"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new(env!("CARGO_BIN_EXE_fedmicse"))
+            .args([
+                "status",
+                "--json",
+                "--server-name",
+                "localhost",
+                "--coordinator",
+            ])
+            .arg(format!("https://127.0.0.1:{}", running.addr.port()))
+            .arg("--ca")
+            .arg(certs.join("ca.pem"))
+            .arg("--cert")
+            .arg(certs.join("fake.pem"))
+            .arg("--key")
+            .arg(certs.join("fake.key")),
     );
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(s["phase"], "PHASE_DONE");
@@ -286,17 +255,12 @@ async fn metrics_http_api_status_and_agent_metrics() {
 
     // `fedmicse plot rounds` from the coordinator's round log.
     let png = dir.path().join("rounds.png");
-    let out = Command::new(env!("CARGO_BIN_EXE_fedmicse"))
-        .args(["plot", "rounds", "--log"])
-        .arg(dir.path().join("state/rounds.jsonl"))
-        .arg("--out")
-        .arg(&png)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_fedmicse"))
+            .args(["plot", "rounds", "--log"])
+            .arg(dir.path().join("state/rounds.jsonl"))
+            .arg("--out")
+            .arg(&png),
     );
     // Three panels (dev Spearman, loss, traffic): 900 × (60 + 3 × 320).
     assert_chart_png(&png, 900, 1020);
@@ -344,19 +308,14 @@ fn plot_embeddings_draws_a_labelled_projection() {
     }
     std::fs::write(&tsv, text).unwrap();
     let png = dir.path().join("emb.png");
-    let out = Command::new(env!("CARGO_BIN_EXE_fedmicse"))
-        .args(["plot", "embeddings", "--pooling", "mean", "--model"])
-        .arg(minilm())
-        .arg("--input")
-        .arg(&tsv)
-        .arg("--out")
-        .arg(&png)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_fedmicse"))
+            .args(["plot", "embeddings", "--pooling", "mean", "--model"])
+            .arg(minilm())
+            .arg("--input")
+            .arg(&tsv)
+            .arg("--out")
+            .arg(&png),
     );
     // The scatter plot is 900 × 760; its legend shows the first class's colour.
     assert_chart_png(&png, 900, 760);

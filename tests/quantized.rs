@@ -149,25 +149,6 @@ impl fedmicse_runtime::LocalTrainer for Pattern {
     }
 }
 
-fn agent_config(fed: &Fed, port: u16, state_dir: &std::path::Path) -> fedmicse_agent::AgentConfig {
-    fedmicse_agent::AgentConfig {
-        coordinator: format!("https://127.0.0.1:{port}"),
-        server_name: Some("localhost".into()),
-        tls: Some(fedmicse_wire::TlsFiles::in_dir(&fed.certs, "a")),
-        plaintext_client_id: None,
-        data: fedmicse_agent::config::DataConfig {
-            file: "(in memory)".into(),
-            sample: None,
-            seed: 1,
-        },
-        device: Default::default(),
-        retry: Default::default(),
-        http: Default::default(),
-        limits: Default::default(),
-        state_dir: Some(state_dir.to_path_buf()),
-    }
-}
-
 /// One agent, int4 updates, two federations of 2 rounds each on the same state directory
 /// (the agent restarts in between, the second federation continues from the first's
 /// model): what the coordinator applied plus the residual the agent carries equals the
@@ -188,7 +169,8 @@ async fn error_feedback_loses_nothing_over_rounds_and_restarts() {
         config.updates = UpdateRules::none();
         let running = start(config).await;
         start_model.get_or_insert_with(|| running.global().tensors.clone());
-        let agent_config = agent_config(&fed, running.addr.port(), &agent_state);
+        let mut agent_config = agent_config(running.addr.port(), &fed.certs, "a");
+        agent_config.state_dir = Some(agent_state.clone());
         let shard: Vec<String> = (0..4).map(|i| format!("sentence {i}")).collect();
         let agent = fedmicse_agent::Agent::new(&agent_config, shard, Arc::new(Pattern)).unwrap();
         let (_stop, stop_rx) = tokio::sync::watch::channel(false);

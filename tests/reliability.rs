@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::fed::*;
-use fedmicse_agent::AgentConfig;
 use fedmicse_coordinator::CoordinatorConfig;
 use fedmicse_wire::client::Connection;
 use fedmicse_wire::pb;
@@ -151,28 +150,11 @@ impl Fed {
         config.task.ami_samples = 20;
         for id in ids {
             write_shard(&dir.join(format!("{id}.txt")), id, 48);
-            let agent = AgentConfig {
-                coordinator: format!("https://127.0.0.1:{port}"),
-                server_name: Some("localhost".into()),
-                tls: Some(fedmicse_wire::TlsFiles {
-                    ca: certs.join("ca.pem"),
-                    cert: certs.join(format!("{id}.pem")),
-                    key: certs.join(format!("{id}.key")),
-                }),
-                plaintext_client_id: None,
-                data: fedmicse_agent::config::DataConfig {
-                    file: dir.join(format!("{id}.txt")),
-                    sample: None,
-                    seed: 1,
-                },
-                device: Default::default(),
-                retry: fedmicse_agent::config::RetryConfig {
-                    initial_ms: 100,
-                    max_ms: 1000,
-                },
-                http: Default::default(),
-                limits: Default::default(),
-                state_dir: None,
+            let mut agent = agent_config(port, &certs, id);
+            agent.data.file = dir.join(format!("{id}.txt"));
+            agent.retry = fedmicse_agent::config::RetryConfig {
+                initial_ms: 100,
+                max_ms: 1000,
             };
             std::fs::write(
                 dir.join(format!("{id}.toml")),
@@ -414,13 +396,7 @@ async fn silent_agents_are_dropped_and_the_deadline_is_exact() {
     config.federation.agent_timeout_secs = 1;
     config.federation.round_deadline_secs = 4;
     let running = start(config).await;
-    let (mut a, mut b) = (
-        connect(running.addr, &certs, "a"),
-        connect(running.addr, &certs, "b"),
-    );
-    let ra = tokio::spawn(async move { (wait_selected(&mut a).await, a) });
-    let rb = tokio::spawn(async move { (wait_selected(&mut b).await, b) });
-    let ((round, mut a), (_, _b)) = (ra.await.unwrap(), rb.await.unwrap());
+    let (round, mut a, _b) = two_selected(running.addr, &certs).await;
     let opened = Instant::now();
     assert_eq!(a.status().await.unwrap().selected, 2);
     // a keeps its heartbeat, b is silent: b leaves the round within about a second.
@@ -595,13 +571,7 @@ async fn a_full_disk_costs_no_update_and_no_hot_loop() {
     config.http.listen = Some("127.0.0.1:0".parse().unwrap());
     let running = start(config).await;
     let http = running.http_addr.unwrap();
-    let (mut a, mut b) = (
-        connect(running.addr, &certs, "a"),
-        connect(running.addr, &certs, "b"),
-    );
-    let ra = tokio::spawn(async move { (wait_selected(&mut a).await, a) });
-    let rb = tokio::spawn(async move { (wait_selected(&mut b).await, b) });
-    let ((round, mut a), (_, mut b)) = (ra.await.unwrap(), rb.await.unwrap());
+    let (round, mut a, mut b) = two_selected(running.addr, &certs).await;
     let global = a.pull(round).await.unwrap().tensors;
     let (da, db) = (
         synthetic_delta(&global, 1, 0.01),

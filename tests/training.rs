@@ -197,26 +197,21 @@ fn eval_command_equals_a_direct_spearman_with_ties() {
     .unwrap();
     let json = dir.path().join("out.json");
     let model = minilm();
-    let out = Command::new(env!("CARGO_BIN_EXE_fedmicse"))
-        .args([
-            "eval",
-            "--model",
-            model.to_str().unwrap(),
-            "--pooling",
-            "mean",
-        ])
-        .arg("--task")
-        .arg(format!("mini={}", tsv.display()))
-        .arg("--task")
-        .arg(format!("mini-dir={}", dir.path().display()))
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new(env!("CARGO_BIN_EXE_fedmicse"))
+            .args([
+                "eval",
+                "--model",
+                model.to_str().unwrap(),
+                "--pooling",
+                "mean",
+            ])
+            .arg("--task")
+            .arg(format!("mini={}", tsv.display()))
+            .arg("--task")
+            .arg(format!("mini-dir={}", dir.path().display()))
+            .arg("--json")
+            .arg(&json),
     );
     let table = String::from_utf8(out.stdout).unwrap();
     assert!(table.contains("mini") && table.contains("Avg."), "{table}");

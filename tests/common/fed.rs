@@ -85,13 +85,20 @@ pub fn coordinator_config(
     }
 }
 
+/// Starts a coordinator on the real model runtime (burn).
 pub async fn start(config: CoordinatorConfig) -> Running {
-    let c = tokio::task::spawn_blocking(move || {
-        Coordinator::new(config, fedmicse_encoder::BurnRuntime::shared())
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    start_with(config, fedmicse_encoder::BurnRuntime::shared()).await
+}
+
+/// Starts a coordinator that opens, serves and evaluates its model with `runtime`.
+pub async fn start_with(
+    config: CoordinatorConfig,
+    runtime: Arc<dyn fedmicse_runtime::ModelRuntime>,
+) -> Running {
+    let c = tokio::task::spawn_blocking(move || Coordinator::new(config, runtime))
+        .await
+        .unwrap()
+        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     c.serve(listener).await.unwrap()
 }
@@ -275,6 +282,87 @@ impl HeldUpload {
         drop(self.tx);
         self.call.await.unwrap()
     }
+}
+
+/// An update header that tells the truth about `delta` (its size and digest) for `round`,
+/// weighing `n` samples.
+pub fn update_header(round: u64, n: u64, delta: &TensorMap) -> UpdateHeader {
+    UpdateHeader {
+        round,
+        num_samples: n,
+        tensor_count: delta.len() as u32,
+        total_bytes: fedmicse_wire::tensors::total_bytes(delta),
+        digest: fedmicse_wire::tensors::digest(delta),
+        metrics: Some(metrics()),
+    }
+}
+
+/// `got` holds `want`'s tensors within f32 rounding of an independent FedAvg (1e-6).
+pub fn assert_close(got: &TensorMap, want: &TensorMap) {
+    for (name, w) in want {
+        let d = super::max_abs_diff(&got[name].data, &w.data);
+        assert!(d <= 1e-6, "{name}: {d}");
+    }
+}
+
+/// Connects agents `a` and `b` and waits until both are selected for the same open round;
+/// returns the round and the two connections.
+pub async fn two_selected(
+    addr: std::net::SocketAddr,
+    certs: &Path,
+) -> (u64, Connection, Connection) {
+    let (mut a, mut b) = (connect(addr, certs, "a"), connect(addr, certs, "b"));
+    let ra = tokio::spawn(async move { (wait_selected(&mut a).await, a) });
+    let rb = tokio::spawn(async move { (wait_selected(&mut b).await, b) });
+    let ((round, a), (_, b)) = (ra.await.unwrap(), rb.await.unwrap());
+    (round, a, b)
+}
+
+/// One connection per agent id.
+pub fn connect_all(addr: std::net::SocketAddr, certs: &Path, ids: &[&str]) -> Vec<Connection> {
+    ids.iter().map(|id| connect(addr, certs, id)).collect()
+}
+
+/// The configuration of a real agent `id` of the coordinator at `127.0.0.1:port` over mTLS
+/// with `certs`; its data is handed to it in memory (the file is not read), defaults
+/// elsewhere.
+pub fn agent_config(port: u16, certs: &Path, id: &str) -> fedmicse_agent::AgentConfig {
+    fedmicse_agent::AgentConfig {
+        coordinator: format!("https://127.0.0.1:{port}"),
+        server_name: Some("localhost".into()),
+        tls: Some(TlsFiles::in_dir(certs, id)),
+        plaintext_client_id: None,
+        data: fedmicse_agent::config::DataConfig {
+            file: "(in memory)".into(),
+            sample: None,
+            seed: 1,
+        },
+        device: Default::default(),
+        retry: Default::default(),
+        http: Default::default(),
+        limits: Default::default(),
+        state_dir: None,
+    }
+}
+
+/// A tiny model, the first 40 pairs of STS-B dev as `dev.tsv` and a two-round, three-client
+/// `sim.toml` in `dir` (plus the `extra` top-level settings); returns the model and the
+/// config.
+pub fn small_simulation(dir: &Path, extra: &str) -> (PathBuf, PathBuf) {
+    let model = tiny_model(&dir.join("model"), 32, 2, 2, 64);
+    super::write_stsb_dev(&dir.join("dev.tsv"), 40);
+    let config = dir.join("sim.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "model = {:?}\ndata = {:?}\nsample = 60\nclients = 3\nrounds = 2\n{extra}output = \"out\"\n\
+             [task]\nbatch_size = 8\nmax_len = 16\nami_samples = 20\nlr = 1e-4\n[eval]\ndev_file = \"dev.tsv\"\n",
+            model,
+            super::root().join("data/wiki/wiki_sentences.txt")
+        ),
+    )
+    .unwrap();
+    (model, config)
 }
 
 /// Writes a coordinator config file for the `fedmicse coordinator` process.

@@ -80,6 +80,29 @@ pub fn sentences(v: &serde_json::Value) -> Vec<String> {
 
 pub mod fed;
 
+/// Runs `cmd` to the end and returns its output, asserting that it succeeded (its stderr in
+/// the message when not).
+pub fn run_ok(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Writes the header and the first `pairs` pairs of STS-B dev to `path`.
+pub fn write_stsb_dev(path: &Path, pairs: usize) {
+    let lines: Vec<String> = std::fs::read_to_string(root().join("data/sts/stsb/dev.tsv"))
+        .unwrap()
+        .lines()
+        .take(pairs + 1)
+        .map(String::from)
+        .collect();
+    std::fs::write(path, lines.join("\n")).unwrap();
+}
+
 /// Runs `fedmicse embed ARGS --model MODEL` with `sentences` on stdin, one per line, and
 /// returns the vectors it prints (JSON lines), asserting that it succeeded.
 pub fn cli_embed(model: &Path, args: &[&str], sentences: &[&str]) -> Vec<Vec<f32>> {

@@ -185,6 +185,14 @@ pub enum RuntimeError {
     Training(String),
 }
 
+impl RuntimeError {
+    /// Wraps an I/O error with the path it concerns (for `map_err`).
+    pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> RuntimeError {
+        let path = path.into();
+        move |source| RuntimeError::Io { path, source }
+    }
+}
+
 /// Trains a model on a silo's sentences: the one thing an agent needs from a runtime.
 pub trait LocalTrainer: Send + Sync {
     /// Trains from `start` on `shard` as `task` says, with `seed` for dropout masks, AMI

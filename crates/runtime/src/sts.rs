@@ -16,10 +16,7 @@ pub struct StsPair {
 
 /// Reads `score<TAB>sentence1<TAB>sentence2` with a header line.
 pub fn read_tsv(path: &Path) -> Result<Vec<StsPair>> {
-    let text = std::fs::read_to_string(path).map_err(|source| RuntimeError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(RuntimeError::io(path))?;
     let mut pairs = Vec::new();
     for (i, line) in text.lines().enumerate().skip(1) {
         if line.trim().is_empty() {
@@ -59,10 +56,7 @@ pub fn read_task(path: &Path) -> Result<Vec<StsPair>> {
         return read_tsv(path);
     }
     let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-        .map_err(|source| RuntimeError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?
+        .map_err(RuntimeError::io(path))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "tsv"))
         .collect();

@@ -6,15 +6,14 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
+use fedmicse_runtime::RuntimeError;
+
 use crate::error::{Result, TrainError};
 
 /// Reads one sentence per line (UTF-8). Lines are trimmed; empty lines and exact duplicates
 /// are dropped (the first occurrence is kept, order preserved).
 pub fn read_sentences(path: &Path) -> Result<Vec<String>> {
-    let bytes = std::fs::read(path).map_err(|source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = std::fs::read(path).map_err(RuntimeError::io(path))?;
     let text = String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
         let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;

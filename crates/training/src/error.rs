@@ -1,19 +1,14 @@
-use std::path::PathBuf;
-
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("{0}")]
     Data(String),
     #[error("{0}")]
     Config(String),
     #[error(transparent)]
     Encoder(#[from] fedmicse_encoder::EncoderError),
+    /// Files that cannot be read or written ([`RuntimeError::Io`]) among the rest.
+    ///
+    /// [`RuntimeError::Io`]: fedmicse_runtime::RuntimeError::Io
     #[error(transparent)]
     Runtime(#[from] fedmicse_runtime::RuntimeError),
     #[error("plot: {0}")]

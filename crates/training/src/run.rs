@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use fedmicse_encoder::{EmbedOptions, Encoder, Pooling};
 use fedmicse_plot::{Panel, Series, line_panels};
+use fedmicse_runtime::RuntimeError;
 use serde::Serialize;
 
 use crate::data::{batches_per_epoch, epoch_batches};
@@ -150,10 +151,7 @@ pub fn run(
         )));
     }
     let out = &config.output;
-    std::fs::create_dir_all(out).map_err(|source| TrainError::Io {
-        path: out.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(out).map_err(RuntimeError::io(out))?;
     let batch_size = config.train.batch_size.min(sentences.len());
     config.train.batch_size = batch_size;
     let total = config.budget.total_steps(sentences.len(), batch_size);
@@ -205,7 +203,7 @@ impl MetricsLog {
                 path,
                 file: std::io::BufWriter::new(f),
             }),
-            Err(source) => Err(TrainError::Io { path, source }),
+            Err(source) => Err(RuntimeError::io(path)(source).into()),
         }
     }
 
@@ -214,10 +212,8 @@ impl MetricsLog {
         self.file
             .write_all(b"\n")
             .and_then(|_| self.file.flush())
-            .map_err(|source| TrainError::Io {
-                path: self.path.clone(),
-                source,
-            })
+            .map_err(RuntimeError::io(&self.path))?;
+        Ok(())
     }
 }
 
@@ -305,10 +301,7 @@ impl Session<'_> {
             &summary_path,
             serde_json::to_string_pretty(&summary).expect("json"),
         )
-        .map_err(|source| TrainError::Io {
-            path: summary_path,
-            source,
-        })?;
+        .map_err(RuntimeError::io(summary_path))?;
         plot_training(&self.out.join("training.png"), &self.steps, &self.evals)?;
         Ok(summary)
     }
