@@ -589,6 +589,45 @@ allowlist = ["a", "b"]
     }
 
     #[test]
+    fn secure_aggregation_refuses_what_cannot_work_with_it() {
+        let secure = |extra: &str| {
+            let text = format!(
+                "{}\n[secure_aggregation]\nenabled = true\nmode = \"secagg+\"\n{extra}",
+                MINIMAL.replace(
+                    "allowlist = [\"a\", \"b\"]",
+                    "allowlist = [\"a\", \"b\", \"c\"]\nmin_clients = 3"
+                )
+            );
+            let c: CoordinatorConfig = toml::from_str(&text).unwrap();
+            c.validate()
+        };
+        secure("").unwrap();
+        for (extra, why) in [
+            (
+                "[aggregation]\nstrategy = \"median\"",
+                "only ever sees their sum",
+            ),
+            ("[task]\nupdate_dtype = \"bf16\"", "sums integers"),
+            ("step_timeout_secs = 0", "step_timeout_secs"),
+        ] {
+            let e = secure(extra).unwrap_err();
+            assert!(e.contains(why), "{extra}: {e}");
+        }
+        let mut c: CoordinatorConfig = toml::from_str(MINIMAL).unwrap();
+        c.secure_aggregation.enabled = true;
+        c.federation.min_clients = 2;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .contains("min_clients of at least 3")
+        );
+        assert_eq!(
+            secure_value_bits(fedmicse_tensors::ElementType::Int4),
+            Some(4)
+        );
+    }
+
+    #[test]
     fn parses_minimal_and_rejects_unknown_fields() {
         let c: CoordinatorConfig = toml::from_str(MINIMAL).unwrap();
         c.validate().unwrap();

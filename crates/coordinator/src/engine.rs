@@ -221,8 +221,10 @@ impl Engine {
         actions.extend(self.refill(open, &connected));
         let min = self.rules.min_clients;
         let answered = open.answered();
-        // A secure round is complete once its sum is revealed (nobody can add to it).
-        let complete = (open.secure.is_some() || open.is_complete()) && answered >= min;
+        // A secure round is complete once its sum is revealed: the protocol only reveals
+        // one holding at least its threshold of agents (a strict majority of those
+        // selected, and never fewer than 3), whoever dropped out on the way.
+        let complete = open.secure.is_some() || (open.is_complete() && answered >= min);
         let late = clock.now >= open.deadline || open.secure_failed || open.secure.is_some();
         let round = open.round;
         if complete || (late && answered >= min) {

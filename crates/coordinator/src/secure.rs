@@ -185,8 +185,9 @@ impl Secure {
             Neighbourhood::Full => 0,
         };
         // A strict majority of every holder set, so two disjoint groups can never both
-        // rebuild one agent's secrets.
-        let threshold = (holders / 2 + 1).max(2);
+        // rebuild one agent's secrets; and at least 3, so no revealed sum is of two
+        // agents (either of whom could subtract its own update from it).
+        let threshold = (holders / 2 + 1).max(3);
         let value_bits = crate::config::secure_value_bits(task.update_dtype).ok_or_else(|| {
             format!(
                 "update_dtype {} under secure aggregation",
