@@ -258,45 +258,6 @@ async fn fedavgm_carries_momentum_into_the_next_round() {
     running.shutdown().await;
 }
 
-/// One round of two agents sending `dtype` updates; returns (start, deltas, committed).
-async fn half_precision_round(
-    name: &str,
-    dtype: ElementType,
-) -> (TensorMap, Vec<(u64, TensorMap)>, TensorMap) {
-    let ids = ["a", "b"];
-    let fed = federation(&ids);
-    let mut config = fed.config(&ids);
-    config.task.update_dtype = name.parse().unwrap();
-    config.updates = UpdateRules::none();
-    let running = start(config).await;
-    let global = running.global().tensors.clone();
-    let mut tasks = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let mut c = connect(running.addr, &fed.certs, id);
-        let delta = synthetic_delta(&global, 70 + i as u64, 0.1);
-        let n = 10 * (i as u64 + 1);
-        tasks.push(tokio::spawn(async move {
-            let round = wait_selected(&mut c).await;
-            let r = c
-                .submit_as(round, n, metrics(), Arc::new(delta.clone()), dtype)
-                .await
-                .unwrap();
-            assert!(r.accepted, "{}", r.message);
-            (n, delta)
-        }));
-    }
-    let mut updates = Vec::new();
-    for t in tasks {
-        updates.push(t.await.unwrap());
-    }
-    finish(&running, 30).await;
-    assert_eq!(running.history().last().unwrap().clients, 2);
-    let got = running.global().tensors.clone();
-    running.shutdown().await;
-    drop(fed);
-    (global, updates, got)
-}
-
 fn rounded(map: &TensorMap, round: impl Fn(f32) -> f32) -> TensorMap {
     map.iter()
         .map(|(n, t)| {
@@ -311,7 +272,7 @@ async fn half_precision_is_fedavg_of_the_rounded_values(
     dtype: ElementType,
     round: impl Fn(f32) -> f32 + Copy,
 ) {
-    let (global, updates, got) = half_precision_round(name, dtype).await;
+    let (global, updates, got, _) = two_agent_round(dtype, 70, 0.1, |d| d).await;
     let exact: Vec<(u64, &TensorMap)> = updates.iter().map(|(n, d)| (*n, d)).collect();
     let halves: Vec<(u64, TensorMap)> = updates
         .iter()

@@ -13,6 +13,22 @@ use fedmicse_tensors::quantize::round_to_grid;
 use fedmicse_tensors::{ElementType, HostTensor, TensorMap};
 use rand::SeedableRng;
 
+fn pattern(i: usize) -> f32 {
+    ((i * 37 % 101) as f32 - 50.0) * 2e-5
+}
+
+/// Every value moves by `pattern(its index in its tensor)`: the true delta of every round.
+fn pattern_delta(like: &TensorMap) -> AddDelta {
+    AddDelta(
+        like.iter()
+            .map(|(n, t)| {
+                let data = (0..t.data.len()).map(pattern).collect();
+                (n.clone(), HostTensor::new(t.shape.clone(), data))
+            })
+            .collect(),
+    )
+}
+
 async fn finish(running: &fedmicse_coordinator::Running, secs: u64) {
     tokio::time::timeout(Duration::from_secs(secs), running.wait_done())
         .await
@@ -39,41 +55,19 @@ fn max_diff(a: &TensorMap, b: &TensorMap) -> f32 {
 /// Two agents send `dtype` updates on the grid, as real agents do: the committed model is
 /// FedAvg of exactly those values, and the round's bytes are the codes' bytes.
 async fn integer_round(dtype: ElementType) {
-    let ids = ["a", "b"];
-    let fed = federation(&ids);
-    let mut config = fed.config(&ids);
-    config.task.update_dtype = dtype;
-    config.updates = UpdateRules::none();
-    let running = start(config).await;
-    let global = running.global().tensors.clone();
-    let mut tasks = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let mut c = connect(running.addr, &fed.certs, id);
-        let exact = synthetic_delta(&global, 80 + i as u64, 0.05);
-        let sent = on_grid(&exact, dtype, i as u64);
-        let n = 10 * (i as u64 + 1);
-        tasks.push(tokio::spawn(async move {
-            let round = wait_selected(&mut c).await;
-            let r = c
-                .submit_as(round, n, metrics(), Arc::new(sent.clone()), dtype)
-                .await
-                .unwrap();
-            assert!(r.accepted, "{}", r.message);
-            (n, exact, sent)
-        }));
-    }
-    let mut updates = Vec::new();
-    for t in tasks {
-        updates.push(t.await.unwrap());
-    }
-    finish(&running, 30).await;
-    let got = running.global().tensors.clone();
-    let record = running.history().last().unwrap().clone();
-    running.shutdown().await;
-
-    let sent: Vec<(u64, &TensorMap)> = updates.iter().map(|(n, _, s)| (*n, s)).collect();
+    let mut k = 0;
+    let (global, sent, got, record) = two_agent_round(dtype, 80, 0.05, |d| {
+        k += 1;
+        on_grid(&d, dtype, k)
+    })
+    .await;
+    let sent: Vec<(u64, &TensorMap)> = sent.iter().map(|(n, s)| (*n, s)).collect();
     assert_tensors_within(&got, &fedavg(&global, &sent), 1e-6);
-    let exact: Vec<(u64, &TensorMap)> = updates.iter().map(|(n, e, _)| (*n, e)).collect();
+    let exact: Vec<TensorMap> = (0..2)
+        .map(|i| synthetic_delta(&global, 80 + i, 0.05))
+        .collect();
+    let exact: Vec<(u64, &TensorMap)> =
+        sent.iter().zip(&exact).map(|((n, _), e)| (*n, e)).collect();
     let off = max_diff(&got, &fedavg(&global, &exact));
     // A step is absmax/127 (int8) or /7 (int4) of 64-value blocks of |x| ≤ 0.05.
     let step = 0.05
@@ -87,9 +81,9 @@ async fn integer_round(dtype: ElementType) {
         "{dtype}: off by {off}, step {step}"
     );
 
-    let f32_bytes: u64 = updates
+    let f32_bytes: u64 = exact
         .iter()
-        .map(|(_, e, _)| fedmicse_wire::tensors::total_bytes(e))
+        .map(|(_, e)| fedmicse_wire::tensors::total_bytes(e))
         .sum();
     let ratio = record.bytes_up as f64 / f32_bytes as f64;
     let (lo, hi) = if dtype == ElementType::Int8 {
@@ -108,45 +102,6 @@ async fn int8_updates_commit_fedavg_of_the_codes_in_a_quarter_of_the_bytes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn int4_updates_commit_fedavg_of_the_codes_in_an_eighth_of_the_bytes() {
     integer_round(ElementType::Int4).await;
-}
-
-/// A trainer without a model: every value moves by the same small varied pattern, so the
-/// true delta of every round is known.
-struct Pattern;
-
-fn pattern(i: usize) -> f32 {
-    ((i * 37 % 101) as f32 - 50.0) * 2e-5
-}
-
-impl fedmicse_runtime::LocalTrainer for Pattern {
-    fn train(
-        &self,
-        start: fedmicse_runtime::ModelParts<'_>,
-        _shard: &[String],
-        _task: &fedmicse_federation::TaskConfig,
-        _seed: u64,
-    ) -> Result<(TensorMap, fedmicse_runtime::TrainReport), fedmicse_runtime::RuntimeError> {
-        let trained = start
-            .tensors
-            .iter()
-            .map(|(n, t)| {
-                let data = t
-                    .data
-                    .iter()
-                    .enumerate()
-                    .map(|(i, x)| x + pattern(i))
-                    .collect();
-                (n.clone(), HostTensor::new(t.shape.clone(), data))
-            })
-            .collect();
-        Ok((
-            trained,
-            fedmicse_runtime::TrainReport {
-                steps: 1,
-                ..Default::default()
-            },
-        ))
-    }
 }
 
 /// One agent, int4 updates, two federations of 2 rounds each on the same state directory
@@ -168,11 +123,15 @@ async fn error_feedback_loses_nothing_over_rounds_and_restarts() {
         config.task.trainable = vec![trainable.into()];
         config.updates = UpdateRules::none();
         let running = start(config).await;
-        start_model.get_or_insert_with(|| running.global().tensors.clone());
+        let model0 = start_model
+            .get_or_insert_with(|| running.global().tensors.clone())
+            .clone();
         let mut agent_config = agent_config(running.addr.port(), &fed.certs, "a");
         agent_config.state_dir = Some(agent_state.clone());
         let shard: Vec<String> = (0..4).map(|i| format!("sentence {i}")).collect();
-        let agent = fedmicse_agent::Agent::new(&agent_config, shard, Arc::new(Pattern)).unwrap();
+        let agent =
+            fedmicse_agent::Agent::new(&agent_config, shard, Arc::new(pattern_delta(&model0)))
+                .unwrap();
         let (_stop, stop_rx) = tokio::sync::watch::channel(false);
         let report = tokio::spawn(agent.run(stop_rx));
         finish(&running, 60).await;

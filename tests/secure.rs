@@ -47,32 +47,6 @@ impl Write for LogSink {
     }
 }
 
-/// A trainer that moves the weights by a known delta (its agent's).
-struct Known(TensorMap);
-
-impl fedmicse_runtime::LocalTrainer for Known {
-    fn train(
-        &self,
-        start: fedmicse_runtime::ModelParts<'_>,
-        _shard: &[String],
-        _task: &fedmicse_federation::TaskConfig,
-        _seed: u64,
-    ) -> Result<(TensorMap, fedmicse_runtime::TrainReport), fedmicse_runtime::RuntimeError> {
-        let trained = start
-            .tensors
-            .iter()
-            .map(|(n, t)| {
-                let data = match self.0.get(n) {
-                    Some(d) => t.data.iter().zip(&d.data).map(|(w, d)| w + d).collect(),
-                    None => t.data.clone(),
-                };
-                (n.clone(), HostTensor::new(t.shape.clone(), data))
-            })
-            .collect();
-        Ok((trained, Default::default()))
-    }
-}
-
 fn uniform(like: &TensorMap, trainable: &str, seed: u64, half_width: f32) -> TensorMap {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     like.iter()
@@ -127,7 +101,8 @@ async fn run_honest(running: &Running, fed: &Fed, deltas: &[(&str, TensorMap)]) 
         let mut c = agent_config(running.addr.port(), &fed.certs, id);
         c.state_dir = Some(state.clone());
         let shard: Vec<String> = (0..4).map(|i| format!("sentence {i}")).collect();
-        let agent = fedmicse_agent::Agent::new(&c, shard, Arc::new(Known(delta.clone()))).unwrap();
+        let agent =
+            fedmicse_agent::Agent::new(&c, shard, Arc::new(AddDelta(delta.clone()))).unwrap();
         let (stop, rx) = tokio::sync::watch::channel(false);
         tasks.push((tokio::spawn(agent.run(rx)), stop));
         states.push(state);
@@ -368,7 +343,7 @@ async fn too_few_survivors_abandon_the_round_and_the_model_stays() {
         c.retry.max_ms = 60_000;
         let delta = uniform(&start_model, TRAINABLE, 20 + i as u64, 5e-4);
         let agent =
-            fedmicse_agent::Agent::new(&c, vec!["s".into(); 4], Arc::new(Known(delta))).unwrap();
+            fedmicse_agent::Agent::new(&c, vec!["s".into(); 4], Arc::new(AddDelta(delta))).unwrap();
         let (stop, rx) = tokio::sync::watch::channel(false);
         honest.push((tokio::spawn(agent.run(rx)), stop));
     }

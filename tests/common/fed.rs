@@ -463,3 +463,88 @@ impl Fed {
         self.dir.path().join("state")
     }
 }
+
+/// One round of two agents (10 and 20 samples) sending `dtype` updates over the real
+/// stack: agent i's delta is `synthetic_delta(start, seed + i, scale)`, sent as
+/// `prepare(delta)` (rounded onto a grid, say). Returns the start, (samples, what was
+/// sent) per agent, the committed model and the round's record.
+pub async fn two_agent_round(
+    dtype: fedmicse_wire::ElementType,
+    seed: u64,
+    scale: f32,
+    mut prepare: impl FnMut(TensorMap) -> TensorMap,
+) -> (
+    TensorMap,
+    Vec<(u64, TensorMap)>,
+    TensorMap,
+    fedmicse_coordinator::RoundRecord,
+) {
+    let ids = ["a", "b"];
+    let fed = federation(&ids);
+    let mut config = fed.config(&ids);
+    config.task.update_dtype = dtype;
+    config.updates = UpdateRules::none();
+    let running = start(config).await;
+    let global = running.global().tensors.clone();
+    let mut tasks = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let mut c = connect(running.addr, &fed.certs, id);
+        let sent = prepare(synthetic_delta(&global, seed + i as u64, scale));
+        let n = 10 * (i as u64 + 1);
+        tasks.push(tokio::spawn(async move {
+            let round = wait_selected(&mut c).await;
+            let r = c
+                .submit_as(round, n, metrics(), Arc::new(sent.clone()), dtype)
+                .await
+                .unwrap();
+            assert!(r.accepted, "{}", r.message);
+            (n, sent)
+        }));
+    }
+    let mut updates = Vec::new();
+    for t in tasks {
+        updates.push(t.await.unwrap());
+    }
+    tokio::time::timeout(Duration::from_secs(30), running.wait_done())
+        .await
+        .expect("the round committed in time");
+    let record = running.history().last().unwrap().clone();
+    assert_eq!(record.clients, 2);
+    let got = running.global().tensors.clone();
+    running.shutdown().await;
+    (global, updates, got, record)
+}
+
+/// A trainer without a model: moves the weights it is given by a known delta (tensors the
+/// delta does not name stay put).
+pub struct AddDelta(pub TensorMap);
+
+impl fedmicse_runtime::LocalTrainer for AddDelta {
+    fn train(
+        &self,
+        start: fedmicse_runtime::ModelParts<'_>,
+        _shard: &[String],
+        _task: &TaskConfig,
+        _seed: u64,
+    ) -> Result<(TensorMap, fedmicse_runtime::TrainReport), fedmicse_runtime::RuntimeError> {
+        let trained = start
+            .tensors
+            .iter()
+            .map(|(n, t)| {
+                let data = match self.0.get(n) {
+                    Some(d) => t.data.iter().zip(&d.data).map(|(w, d)| w + d).collect(),
+                    None => t.data.clone(),
+                };
+                (
+                    n.clone(),
+                    fedmicse_encoder::HostTensor::new(t.shape.clone(), data),
+                )
+            })
+            .collect();
+        let report = fedmicse_runtime::TrainReport {
+            steps: 1,
+            ..Default::default()
+        };
+        Ok((trained, report))
+    }
+}

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use fedmicse_secagg::{
     AdvertiseKeys, EncryptedShare, MaskedInput, Neighbourhood, RoundConfig, ServerKeys,
-    ServerMasked, ServerShares, ServerUnmask, ShareKeys, UnmaskRequest, UnmaskResponse, ring,
-    ring_bits,
+    ServerMasked, ServerShares, ServerUnmask, ShareKeys, UnmaskRequest, UnmaskResponse, WireBytes,
+    ring, ring_bits,
 };
 use fedmicse_tensors::{HostTensor, TensorMap};
 use fedmicse_wire::pb;
@@ -170,24 +170,7 @@ impl Secure {
         let n = open.selected.len().max(1);
         // Public: it only has to be the same for every agent of the session.
         let seed: [u8; 32] = rand::random();
-        let (neighbourhood, holders) = match c.mode {
-            SecureMode::Secagg => (Neighbourhood::Full, n),
-            SecureMode::SecaggPlus => {
-                let rule = Neighbourhood::logarithmic(n, 1.0, seed);
-                let Neighbourhood::Sparse { half_degree, .. } = rule else {
-                    unreachable!()
-                };
-                (rule, n.min(2 * half_degree + 1))
-            }
-        };
-        let half_degree = match &neighbourhood {
-            Neighbourhood::Sparse { half_degree, .. } => *half_degree as u32,
-            Neighbourhood::Full => 0,
-        };
-        // A strict majority of every holder set, so two disjoint groups can never both
-        // rebuild one agent's secrets; and at least 3, so no revealed sum is of two
-        // agents (either of whom could subtract its own update from it).
-        let threshold = (holders / 2 + 1).max(3);
+        let (neighbourhood, half_degree, threshold) = neighbourhood(c.mode, n, seed);
         let value_bits = crate::config::secure_value_bits(task.update_dtype).ok_or_else(|| {
             format!(
                 "update_dtype {} under secure aggregation",
@@ -266,9 +249,11 @@ impl Secure {
         let s = guard.as_mut().filter(|s| s.round == round).ok_or_else(|| {
             Status::failed_precondition(format!("no secure session for round {round}"))
         })?;
+        // Not permission_denied: an agent whose session was restarted (the round reopened)
+        // only needs to join again for its new index.
         if s.index.get(id) != Some(&agent) {
-            return Err(Status::permission_denied(format!(
-                "{id:?} is not agent {agent} of round {round}"
+            return Err(Status::failed_precondition(format!(
+                "{id:?} is not agent {agent} of round {round}'s session: join again"
             )));
         }
         Ok(s)
@@ -287,8 +272,7 @@ impl Secure {
             Step::Keys(server) => server.receive(keys).map_err(refused),
             _ => Err(Status::failed_precondition("the key step is closed")),
         };
-        self.take(round, id, agent, 68, take)?;
-        match self.wait(round, 0, agent, until).await? {
+        match self.answer(round, id, agent, 68, take, until).await? {
             Output::Directory(d) => Ok(d),
             _ => Err(Status::internal("step output")),
         }
@@ -302,18 +286,12 @@ impl Secure {
         shares: ShareKeys,
         until: Instant,
     ) -> Result<Vec<EncryptedShare>, Status> {
-        let agent = shares.agent;
-        let bytes = shares
-            .shares
-            .iter()
-            .map(|e| e.ciphertext.len() as u64 + 8)
-            .sum();
+        let (agent, bytes) = (shares.agent, shares.wire_bytes() as u64);
         let take = |st: &mut Step| match st {
             Step::Shares(server, _) => server.receive(shares).map_err(refused),
             _ => Err(Status::failed_precondition("the share step is closed")),
         };
-        self.take(round, id, agent, bytes, take)?;
-        match self.wait(round, 1, agent, until).await? {
+        match self.answer(round, id, agent, bytes, take, until).await? {
             Output::Inbox(inbox) => Ok(inbox),
             _ => Err(Status::internal("step output")),
         }
@@ -328,16 +306,14 @@ impl Secure {
         input: MaskedInput,
         until: Instant,
     ) -> Result<Arc<UnmaskRequest>, Status> {
-        let agent = input.agent;
-        let bytes = input.packed.len() as u64;
+        let (agent, bytes) = (input.agent, input.wire_bytes() as u64);
         let take = |st: &mut Step| match st {
             Step::Masked(server, _) => server.receive(input).map_err(refused),
             _ => Err(Status::failed_precondition(
                 "the masked-input step is closed",
             )),
         };
-        self.take(round, id, agent, bytes, take)?;
-        match self.wait(round, 2, agent, until).await? {
+        match self.answer(round, id, agent, bytes, take, until).await? {
             Output::Unmask(r) => Ok(r),
             _ => Err(Status::internal("step output")),
         }
@@ -345,16 +321,30 @@ impl Secure {
 
     /// Step 3: `id`'s revealed shares. Nothing to wait for.
     pub fn unmask(&self, round: u64, id: &str, shares: UnmaskResponse) -> Result<(), Status> {
-        let agent = shares.agent;
-        let n = (shares.self_mask_shares.len() + shares.key_shares.len()) as u64;
+        let (agent, bytes) = (shares.agent, shares.wire_bytes() as u64);
         let take = |st: &mut Step| match st {
             Step::Unmask(server, _) => server.receive(shares).map_err(refused),
             _ => Err(Status::failed_precondition("the unmask step is closed")),
         };
-        self.take(round, id, agent, 44 * n, take)
+        self.take(round, id, agent, bytes, take).map(|_| ())
     }
 
-    /// Feeds one agent's message to the current step.
+    /// Feeds one agent's message to the current step, then waits for the step to close;
+    /// what the agent gets from it.
+    async fn answer(
+        &self,
+        round: u64,
+        id: &str,
+        agent: u32,
+        bytes: u64,
+        take: impl FnOnce(&mut Step) -> Result<(), Status>,
+        until: Instant,
+    ) -> Result<Output, Status> {
+        let step = self.take(round, id, agent, bytes, take)?;
+        self.wait(round, step, agent, until).await
+    }
+
+    /// Feeds one agent's message to the current step; returns the step's number.
     fn take(
         &self,
         round: u64,
@@ -362,10 +352,11 @@ impl Secure {
         agent: u32,
         bytes: u64,
         take: impl FnOnce(&mut Step) -> Result<(), Status>,
-    ) -> Result<(), Status> {
+    ) -> Result<u8, Status> {
         let mut guard = self.lock();
         let s = Self::session_for(&mut guard, round, id, agent)?;
-        if s.step.number() > 0 && !s.waiting_for.contains(&agent) {
+        let step = s.step.number();
+        if step > 0 && !s.waiting_for.contains(&agent) {
             return Err(Status::failed_precondition(
                 "not part of this step (counted as dropped)",
             ));
@@ -373,7 +364,7 @@ impl Secure {
         take(&mut s.step)?;
         s.answered.insert(agent);
         s.bytes_up += bytes;
-        Ok(())
+        Ok(step)
     }
 
     /// Waits until step `step` of `round` closed; what agent `agent` gets from it.
@@ -525,6 +516,22 @@ impl Secure {
             self.progress.send_replace((round, 5));
         }
     }
+}
+
+/// Who masks with whom among `n` agents, the SecAgg+ half degree (0: everyone), and the
+/// Shamir threshold: a strict majority of every holder set, so two disjoint groups can
+/// never both rebuild one agent's secrets; and at least 3, so no revealed sum is of two
+/// agents (either of whom could subtract its own update from it).
+fn neighbourhood(mode: SecureMode, n: usize, seed: [u8; 32]) -> (Neighbourhood, u32, usize) {
+    let rule = match mode {
+        SecureMode::Secagg => Neighbourhood::Full,
+        SecureMode::SecaggPlus => Neighbourhood::logarithmic(n, 1.0, seed),
+    };
+    let (half_degree, holders) = match &rule {
+        Neighbourhood::Sparse { half_degree, .. } => (*half_degree, n.min(2 * half_degree + 1)),
+        Neighbourhood::Full => (0, n),
+    };
+    (rule, half_degree as u32, (holders / 2 + 1).max(3))
 }
 
 /// Closes the current step: Ok(None) moved to the next one, Ok(Some) is the final sum.
