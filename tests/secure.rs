@@ -372,3 +372,77 @@ async fn too_few_survivors_abandon_the_round_and_the_model_stays() {
     }
     running.shutdown().await;
 }
+
+/// Moves the weights by a known delta, the first time only after `delay`.
+struct SlowOnce(AddDelta, Mutex<Option<Duration>>);
+
+impl fedmicse_runtime::LocalTrainer for SlowOnce {
+    fn train(
+        &self,
+        start: fedmicse_runtime::ModelParts<'_>,
+        shard: &[String],
+        task: &fedmicse_federation::TaskConfig,
+        seed: u64,
+    ) -> Result<(TensorMap, fedmicse_runtime::TrainReport), fedmicse_runtime::RuntimeError> {
+        if let Some(d) = self.1.lock().unwrap().take() {
+            std::thread::sleep(d);
+        }
+        self.0.train(start, shard, task, seed)
+    }
+}
+
+/// The coordinator stops while two agents wait in the key step for a slow third: the
+/// restarted coordinator (same state, same address) reopens the round with a fresh
+/// session, the agents resend what they trained, and the round commits their mean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_coordinator_restart_mid_protocol_reopens_the_round_cleanly() {
+    logs();
+    let ids = ["a", "b", "c"];
+    let fed = federation(&ids);
+    let config = secure_config(&fed, &ids, 3, ElementType::Int8);
+    let running = start(config.clone()).await;
+    let addr = running.addr;
+    let start_model = running.global().tensors.clone();
+    let mut agents = Vec::new();
+    let mut deltas = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let delta = uniform(&start_model, TRAINABLE, 30 + i as u64, 5e-4);
+        let slow = (*id == "c").then_some(Duration::from_secs(4));
+        let trainer = SlowOnce(AddDelta(delta.clone()), Mutex::new(slow));
+        let state = fed.dir.path().join(format!("agent-{id}"));
+        let mut c = agent_config(addr.port(), &fed.certs, id);
+        c.state_dir = Some(state.clone());
+        c.retry.initial_ms = 100;
+        c.retry.max_ms = 500;
+        let agent = fedmicse_agent::Agent::new(&c, vec!["s".into(); 4], Arc::new(trainer)).unwrap();
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        agents.push((tokio::spawn(agent.run(rx)), stop));
+        deltas.push((delta, state));
+    }
+    // a and b train at once and wait for c's keys; stop the coordinator meanwhile.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert!(running.history().len() == 1, "nothing committed yet");
+    running.shutdown().await;
+    let c = tokio::task::spawn_blocking(move || {
+        fedmicse_coordinator::Coordinator::new(config, fedmicse_encoder::BurnRuntime::shared())
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let running = c.serve(listener).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), running.wait_done())
+        .await
+        .expect("the reopened round committed");
+    for (task, stop) in agents {
+        let _ = stop.send(true);
+        assert_eq!(task.await.unwrap().unwrap().rounds_trained, vec![1]);
+    }
+    let record = running.history().last().unwrap().clone();
+    assert_eq!((record.round, record.clients), (1, 3));
+    let sent: Vec<TensorMap> = deltas.iter().map(|(d, s)| sent_values(d, s)).collect();
+    let sum = combine(&sent[0], &sent[1], |x, y| x + y);
+    let mean = combine(&sum, &sent[2], |x, y| (x + y) / 3.0);
+    assert_tensors_within(&model_change(&running, &start_model), &mean, 2.5e-7);
+    running.shutdown().await;
+}

@@ -136,6 +136,9 @@ impl Running {
 
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
+        // Secure-aggregation steps wait for other agents; release them so the server's
+        // graceful shutdown does not wait for their timeouts.
+        self.shared.secure.stop();
         let _ = self.driver.await;
         match self.server.await {
             Ok(Err(e)) => tracing::warn!(error = %e, "server stopped with an error"),

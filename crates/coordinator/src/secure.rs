@@ -508,6 +508,16 @@ impl Secure {
         })
     }
 
+    /// Ends any session (the coordinator is stopping): agents waiting in a step are told
+    /// the round was abandoned at once, rather than holding the shutdown up.
+    pub fn stop(&self) {
+        *self.lock() = None;
+        self.progress.send_modify(|(round, step)| {
+            *round = round.wrapping_add(1);
+            *step = 0;
+        });
+    }
+
     /// Ends the session of `round` (the round was abandoned or committed).
     pub fn end(&self, round: u64) {
         let mut guard = self.lock();
