@@ -209,9 +209,19 @@ pub fn strategy_name(s: Strategy) -> &'static str {
     }
 }
 
-/// Checks `--byzantine K` against the number of clients and `--attack`; returns the attack
-/// the hostile agents run (`None` without hostile agents).
-pub fn check_byzantine(k: usize, attack: Option<Attack>, clients: usize) -> Result<Option<Attack>> {
+/// Checks `--byzantine K` against the number of clients, `--attack` and secure
+/// aggregation; returns the attack the hostile agents run (`None` without hostile agents).
+pub fn check_byzantine(
+    k: usize,
+    attack: Option<Attack>,
+    clients: usize,
+    secure: bool,
+) -> Result<Option<Attack>> {
+    if k > 0 && secure {
+        bail!(
+            "--byzantine with secure aggregation: the simulated attacks corrupt plain updates, which a secure round never sends; run them without --secure-aggregation"
+        );
+    }
     if k == 0 {
         if let Some(a) = attack {
             bail!("--attack {a} needs --byzantine K (how many agents are hostile)");
@@ -237,21 +247,26 @@ mod tests {
 
     #[test]
     fn byzantine_settings_are_checked() {
-        assert_eq!(check_byzantine(0, None, 3).unwrap(), None);
+        assert_eq!(check_byzantine(0, None, 3, false).unwrap(), None);
         assert_eq!(
-            check_byzantine(1, Some(Attack::SampleInflation), 5).unwrap(),
+            check_byzantine(1, Some(Attack::SampleInflation), 5, false).unwrap(),
             Some(Attack::SampleInflation)
         );
-        let e = check_byzantine(3, Some(Attack::Nan), 3)
+        let e = check_byzantine(3, Some(Attack::Nan), 3, false)
             .unwrap_err()
             .to_string();
         assert!(e.contains("less than the number of clients (3)"), "{e}");
-        let e = check_byzantine(1, None, 3).unwrap_err().to_string();
+        let e = check_byzantine(1, None, 3, false).unwrap_err().to_string();
         assert!(e.contains("needs --attack"), "{e}");
-        let e = check_byzantine(0, Some(Attack::Nan), 3)
+        let e = check_byzantine(0, Some(Attack::Nan), 3, false)
             .unwrap_err()
             .to_string();
         assert!(e.contains("needs --byzantine"), "{e}");
+        let e = check_byzantine(1, Some(Attack::Scale), 5, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("without --secure-aggregation"), "{e}");
+        assert_eq!(check_byzantine(0, None, 3, true).unwrap(), None);
     }
 
     #[test]

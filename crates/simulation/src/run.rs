@@ -47,7 +47,8 @@ impl Plan {
         if c.max_concurrent_training == 0 {
             bail!("max_concurrent_training must be at least 1");
         }
-        let attack = check_byzantine(adversary.byzantine, adversary.attack, c.clients)?;
+        let secure = c.secure_aggregation.enabled;
+        let attack = check_byzantine(adversary.byzantine, adversary.attack, c.clients, secure)?;
         if adversary.defences == Defences::None {
             c.updates = UpdateRules::none();
         }
